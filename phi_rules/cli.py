@@ -1,0 +1,285 @@
+"""``phi-rules``: validate, plan and apply rule files. The only place that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from phi_rules.errors import Diagnostic, PhiRulesError
+
+EPILOG = """\
+examples:
+  phi-rules validate rules/                     check every rule file (CI does this)
+  phi-rules list                                shipped rule files
+  phi-rules plan rules/phi-2.yaml               dry run: what would be written, from headers only
+  phi-rules apply rules/phi-2.yaml --out phi-2  download at the pinned revision and convert
+  phi-rules apply rules/phi-2.yaml --source ./my-finetune --out converted
+  phi-rules apply rules/phi-1.yaml rules/phi-1_5.yaml rules/phi-2.yaml --out models/   (one folder each)
+
+exit status: 0 success, 1 a problem with the rules, the source or the conversion, 2 bad usage.
+A rule file is YAML checked against `phi-rules schema`; the README documents every key.
+"""
+
+
+def _set_value(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _device(text: str) -> str:
+    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phi-rules",
+        description="Convert original Microsoft Phi checkpoints (phi-1, phi-1.5, phi-2 and fine-tunes) into "
+        "Hugging Face transformers models, driven by declarative YAML rule files.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check rule files: YAML, schema and semantics; reports every error")
+    v.add_argument("paths", nargs="+", metavar="PATH", help="rule files or folders (searched for *.yaml)")
+    v.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="text: one `file:line:col: key: message` per line; json: a list of objects",
+    )
+
+    sub.add_parser("schema", help="print the JSON Schema of rule files")
+    sub.add_parser("list", help="list the shipped rule files with their descriptions")
+
+    def source_args(q: argparse.ArgumentParser) -> None:
+        g = q.add_argument_group("source", "where the original weights come from (default: the rule's source)")
+        g.add_argument(
+            "--source",
+            type=Path,
+            metavar="PATH",
+            help="a local folder (weights found like from_pretrained finds them) or one weights file",
+        )
+        g.add_argument("--revision", help="hub commit, tag or branch instead of the rule's pinned revision")
+        g.add_argument("--cache-dir", type=Path, metavar="DIR", help="hub cache (default: HF_HUB_CACHE)")
+        g.add_argument("--offline", action="store_true", help="use only the hub cache (like HF_HUB_OFFLINE=1)")
+        g.add_argument("--token", help="hub token for private or gated repos (default: HF_TOKEN / saved login)")
+        q.add_argument(
+            "--set",
+            action="append",
+            type=_set_value,
+            default=[],
+            metavar="NAME=VALUE",
+            help="override a source config field or a target config value (JSON or plain text)",
+        )
+        q.add_argument(
+            "--dtype",
+            choices=["float32", "float16", "bfloat16"],
+            help="dtype of written floating-point tensors (default: the rule's target.dtype)",
+        )
+
+    pl = sub.add_parser(
+        "plan",
+        help="dry run: plan and check on metadata only; writes nothing",
+        description="Plan a conversion from tensor names, shapes and dtypes alone and check it "
+        "against the target model. Hub safetensors are read by header only.",
+    )
+    pl.add_argument("rules", type=Path, metavar="RULES", help="a rule file")
+    source_args(pl)
+    pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
+
+    a = sub.add_parser(
+        "apply",
+        help="convert: write a from_pretrained-ready folder",
+        description="Convert one or more rule files. The output is written to a temporary sibling "
+        "folder and renamed into place when complete: on any failure nothing is left "
+        "at --out.",
+    )
+    a.add_argument("rules", type=Path, nargs="+", metavar="RULES", help="rule file(s); several give one folder each")
+    a.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (must be empty or new)")
+    source_args(a)
+    a.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="where tensors that change are computed: cpu, cuda or cuda:N (default: cpu)",
+    )
+    a.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors shard (default 5GB)")
+    a.add_argument("--format", choices=["safetensors", "bin"], help="output format (default: the rule's)")
+    a.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    a.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    return p
+
+
+def _print_diagnostics(diags: Sequence[Diagnostic]) -> None:
+    for d in diags:
+        print(f"error: {d}" if d.file is None else str(d), file=sys.stderr)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from phi_rules.rules import check_file, rule_files
+
+    files = rule_files(args.paths)
+    found: list[Diagnostic] = []
+    for f in files:
+        found.extend(check_file(f))
+    if not files:
+        found.append(Diagnostic("no rule files found", " ".join(args.paths)))
+    if args.format == "json":
+        print(json.dumps([d.to_json() for d in found], indent=2))
+    else:
+        for d in found:
+            print(d)
+        print(f"{len(files)} file(s) checked, {len(found)} error(s)", file=sys.stderr)
+    return 1 if found else 0
+
+
+def _list() -> int:
+    from phi_rules.rules import RULES_DIR, load_rules, rule_files
+
+    for f in rule_files([RULES_DIR]):
+        try:
+            r = load_rules(f)
+            print(f"{f.relative_to(RULES_DIR.parent)}\t{r.name}\t{' '.join(r.description.split())}")
+        except PhiRulesError as exc:
+            print(f"{f.relative_to(RULES_DIR.parent)}\t(invalid: {exc.diagnostics[0].message})")
+    return 0
+
+
+def _options(args: argparse.Namespace):  # -> pipeline.Options, imported lazily (torch)
+    from phi_rules.pipeline import Options
+    from phi_rules.sources import SourceOptions
+    from phi_rules.writer import parse_size
+
+    src = SourceOptions(args.source, args.revision, args.cache_dir, args.offline, args.token)
+    extra = {}
+    if args.command == "apply":
+        extra = {
+            "device": args.device,
+            "max_shard_bytes": parse_size(args.max_shard_size),
+            "format": args.format,
+            "force": args.force,
+        }
+    return Options(source=src, overrides=dict(args.set), dtype=args.dtype, **extra)
+
+
+def _note(quiet: bool) -> Callable[[str], None]:
+    return (lambda _m: None) if quiet else (lambda m: print(f"note: {m}", file=sys.stderr))
+
+
+def _quiet_transformers() -> None:
+    """transformers' own warnings (e.g. token ids of toy vocabularies) are not the user's problem here."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from phi_rules import pipeline
+
+    _quiet_transformers()
+    from phi_rules.rules import load_rules
+
+    result = pipeline.plan(load_rules(args.rules), _options(args), note=_note(args.json))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    rows = [
+        (
+            t.name,
+            "x".join(map(str, t.shape)) or "scalar",
+            t.dtype,
+            " + ".join(t.sources()),
+            " > ".join(t.ops()) or "-",
+            ", ".join(t.steps),
+        )
+        for t in result.tensors
+    ]
+    head = ("output", "shape", "dtype", "<- source", "ops", "steps")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(
+        f"\n{result.rules.name}: {len(result.tensors)} tensors, {result.total_bytes / 1e9:.3f} GB, "
+        f"{result.rules.target.architecture} with {json.dumps(result.config)}"
+    )
+    return 0
+
+
+def _progress_factory(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return lambda _plan: lambda _n: None
+    from tqdm import tqdm
+
+    def factory(plan):
+        bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc=plan.rules.name, file=sys.stderr)
+        return lambda n: (bar.update(n), bar.refresh() if bar.n >= bar.total else None)
+
+    return factory
+
+
+def _apply(args: argparse.Namespace) -> int:
+    import torch
+
+    from phi_rules import pipeline
+    from phi_rules.rules import load_rules
+
+    _quiet_transformers()
+    if len(args.rules) > 1 and args.source is not None:
+        raise SystemExit("phi-rules apply: error: --source takes one rule file, not several")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise PhiRulesError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    all_rules = [load_rules(r) for r in args.rules]  # every file is checked before any work starts
+    options = _options(args)
+    for rules in all_rules:
+        out = args.out if len(all_rules) == 1 else args.out / rules.name
+        result = pipeline.convert(rules, out, options, note=_note(args.quiet), progress=_progress_factory(args.quiet))
+        if not args.quiet:
+            print(
+                f"{out}: {rules.target.architecture}, {len(result.tensors)} tensors, {result.total_bytes / 1e9:.3f} GB",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "schema":
+            from phi_rules.rules import SCHEMA_PATH
+
+            print(SCHEMA_PATH.read_text(), end="")
+            return 0
+        if args.command == "list":
+            return _list()
+        return _plan(args) if args.command == "plan" else _apply(args)
+    except PhiRulesError as exc:
+        _print_diagnostics(exc.diagnostics)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `phi-rules plan … | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The expression language of rule files: parsed into a small AST and evaluated here, never by ``eval``.
+
+Grammar (lowest precedence first)::
+
+    expr    := compare
+    compare := sum (("==" | "!=" | "<" | "<=" | ">" | ">=") sum)?
+    sum     := product (("+" | "-") product)*
+    product := unary (("*" | "/" | "//" | "%") unary)*
+    unary   := "-" unary | atom
+    atom    := NUMBER | STRING | NAME | NAME "(" [expr ("," expr)*] ")" | "(" expr ")"
+
+Names are config fields or regex groups; ``true``, ``false`` and ``null`` are constants.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+Value = int | float | str | bool | None
+
+
+class ExprError(Exception):
+    """A syntax or evaluation problem, with the character offset where it was found."""
+
+    def __init__(self, message: str, offset: int = 0) -> None:
+        super().__init__(message)
+        self.message, self.offset = message, offset
+
+
+@dataclass(frozen=True)
+class Const:
+    value: Value
+
+
+@dataclass(frozen=True)
+class Name:
+    name: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str
+    operand: Node
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str
+    left: Node
+    right: Node
+
+
+@dataclass(frozen=True)
+class Call:
+    func: str
+    args: tuple[Node, ...]
+    offset: int
+
+
+Node = Const | Name | Unary | Binary | Call
+
+CONSTANTS: dict[str, Value] = {"true": True, "false": False, "null": None}
+FUNCTIONS: dict[str, tuple[int, int]] = {"default": (2, 2), "min": (1, 99), "max": (1, 99), "int": (1, 1)}
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>\d+\.\d*(?:[eE][-+]?\d+)?|\d+(?:[eE][-+]?\d+)?|\.\d+)"
+    r"|(?P<str>\"[^\"]*\"|'[^']*')"
+    r"|(?P<name>[A-Za-z_][A-Za-z_0-9]*)"
+    r"|(?P<op>//|==|!=|<=|>=|[-+*/%(),<>]))"
+)
+
+
+def _tokenize(text: str) -> list[tuple[str, str, int]]:
+    tokens: list[tuple[str, str, int]] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if m is None or m.lastgroup is None:
+            bad = pos + len(text[pos:]) - len(text[pos:].lstrip())
+            raise ExprError(f"unexpected character {text[bad]!r}", bad)
+        tokens.append((m.lastgroup, m.group(m.lastgroup), m.start(m.lastgroup)))
+        pos = m.end()
+    tokens.append(("end", "", len(text)))
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.tokens = _tokenize(text)
+        self.i = 0
+
+    def peek(self) -> tuple[str, str, int]:
+        return self.tokens[self.i]
+
+    def take(self) -> tuple[str, str, int]:
+        tok = self.tokens[self.i]
+        self.i += 1
+        return tok
+
+    def expect(self, value: str) -> None:
+        kind, text, offset = self.take()
+        if text != value or kind != "op":
+            raise ExprError(f"expected {value!r}, found {text or 'end of expression'!r}", offset)
+
+    def parse(self) -> Node:
+        node = self.compare()
+        kind, text, offset = self.peek()
+        if kind != "end":
+            raise ExprError(f"unexpected {text!r}", offset)
+        return node
+
+    def compare(self) -> Node:
+        node = self.sum()
+        kind, text, _ = self.peek()
+        if kind == "op" and text in ("==", "!=", "<", "<=", ">", ">="):
+            self.take()
+            node = Binary(text, node, self.sum())
+        return node
+
+    def sum(self) -> Node:
+        node = self.product()
+        while self.peek()[0] == "op" and self.peek()[1] in "+-":
+            node = Binary(self.take()[1], node, self.product())
+        return node
+
+    def product(self) -> Node:
+        node = self.unary()
+        while self.peek()[0] == "op" and self.peek()[1] in ("*", "/", "//", "%"):
+            node = Binary(self.take()[1], node, self.unary())
+        return node
+
+    def unary(self) -> Node:
+        if self.peek()[:2] == ("op", "-"):
+            self.take()
+            return Unary("-", self.unary())
+        return self.atom()
+
+    def atom(self) -> Node:
+        kind, text, offset = self.take()
+        if kind == "num":
+            return Const(float(text) if any(c in text for c in ".eE") else int(text))
+        if kind == "str":
+            return Const(text[1:-1])
+        if kind == "name":
+            if self.peek()[:2] == ("op", "("):
+                return self.call(text, offset)
+            if text in CONSTANTS:
+                return Const(CONSTANTS[text])
+            return Name(text, offset)
+        if (kind, text) == ("op", "("):
+            node = self.compare()
+            self.expect(")")
+            return node
+        raise ExprError(f"unexpected {text or 'end of expression'!r}", offset)
+
+    def call(self, func: str, offset: int) -> Node:
+        if func not in FUNCTIONS:
+            raise ExprError(f"unknown function {func!r} (known: {', '.join(FUNCTIONS)})", offset)
+        self.expect("(")
+        args: list[Node] = []
+        if self.peek()[:2] != ("op", ")"):
+            args.append(self.compare())
+            while self.peek()[:2] == ("op", ","):
+                self.take()
+                args.append(self.compare())
+        self.expect(")")
+        low, high = FUNCTIONS[func]
+        if not low <= len(args) <= high:
+            raise ExprError(f"{func}() takes {low if low == high else f'{low} or more'} arguments", offset)
+        return Call(func, tuple(args), offset)
+
+
+def parse(text: str) -> Node:
+    """Parse an expression; raises :class:`ExprError` with the offset of the first problem."""
+    return _Parser(text).parse()
+
+
+def names(node: Node) -> list[Name]:
+    """Every name the expression reads, in order, so validation can reject unknown ones."""
+    if isinstance(node, Name):
+        return [node]
+    if isinstance(node, Unary):
+        return names(node.operand)
+    if isinstance(node, Binary):
+        return names(node.left) + names(node.right)
+    if isinstance(node, Call):
+        return [n for arg in node.args for n in names(arg)]
+    return []
+
+
+def _number(value: Value, what: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ExprError(f"{what} must be a number, not {value!r}")
+    return value
+
+
+def _arith(op: str, a: Value, b: Value) -> Value:
+    if op == "+" and isinstance(a, str) and isinstance(b, str):
+        return a + b
+    x, y = _number(a, f"left side of {op!r}"), _number(b, f"right side of {op!r}")
+    if op in ("/", "//", "%") and y == 0:
+        raise ExprError("division by zero")
+    ops: dict[str, Callable[[int | float, int | float], int | float]] = {
+        "+": lambda p, q: p + q,
+        "-": lambda p, q: p - q,
+        "*": lambda p, q: p * q,
+        "/": lambda p, q: p / q,
+        "//": lambda p, q: p // q,
+        "%": lambda p, q: p % q,
+    }
+    return ops[op](x, y)
+
+
+def _compare(op: str, a: Value, b: Value) -> bool:
+    if op == "==":
+        return a == b
+    if op == "!=":
+        return a != b
+    x, y = _number(a, f"left side of {op!r}"), _number(b, f"right side of {op!r}")
+    return {"<": x < y, "<=": x <= y, ">": x > y, ">=": x >= y}[op]
+
+
+def evaluate(node: Node, env: Mapping[str, Value]) -> Value:
+    """Evaluate with names looked up in ``env``; a name absent from it is an error."""
+    if isinstance(node, Const):
+        return node.value
+    if isinstance(node, Name):
+        if node.name not in env:
+            raise ExprError(f"unknown name {node.name!r}", node.offset)
+        return env[node.name]
+    if isinstance(node, Unary):
+        return -_number(evaluate(node.operand, env), "operand of '-'")
+    if isinstance(node, Binary):
+        a, b = evaluate(node.left, env), evaluate(node.right, env)
+        return _compare(node.op, a, b) if node.op in ("==", "!=", "<", "<=", ">", ">=") else _arith(node.op, a, b)
+    if node.func == "default":
+        first = evaluate(node.args[0], env)
+        return evaluate(node.args[1], env) if first is None else first
+    values = [_number(evaluate(arg, env), f"argument of {node.func}()") for arg in node.args]
+    if node.func == "int":
+        if isinstance(values[0], float) and not math.isfinite(values[0]):
+            raise ExprError("int() of a non-finite number")
+        return int(values[0])
+    return min(values) if node.func == "min" else max(values)

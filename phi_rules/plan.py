@@ -1,0 +1,332 @@
+"""Plan a conversion on metadata alone: run every step symbolically over names, shapes and dtypes.
+
+The working set maps current names to :class:`Entry` values. Steps run in rule order over the whole
+set; each sees the names the steps before it left. Ops run on ``meta`` tensors, so the shapes
+here are the shapes execution will produce. Problems are collected, never raised, so that one
+run reports them all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from phi_rules import expr, ops, template
+from phi_rules.checkpoint import TensorInfo, itemsize, torch_dtype
+from phi_rules.errors import Diagnostic
+from phi_rules.rules import Cast, Concat, Drop, Op, Permute, Rename, Reshape, Rules, Split, Step, Transform, Transpose
+
+FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+SHOW = 20  # at most this many keys named per problem class; the rest are counted
+
+
+@dataclass(frozen=True, eq=False)
+class Computation:
+    """One transform application: its inputs run through ``ops`` and yield ``outputs`` tensors."""
+
+    step: str
+    inputs: tuple[Value, ...]
+    ops: tuple[ops.BoundOp, ...]
+    outputs: int
+
+
+@dataclass(frozen=True, eq=False)
+class Pick:
+    """Output ``index`` of a computation."""
+
+    comp: Computation
+    index: int
+
+
+Value = TensorInfo | Pick
+
+
+@dataclass(frozen=True)
+class Entry:
+    value: Value
+    shape: tuple[int, ...]
+    dtype: str
+    steps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor: where it comes from, what is done to it, and what is written."""
+
+    name: str
+    value: Value
+    shape: tuple[int, ...]
+    dtype: str
+    steps: tuple[str, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+    def sources(self) -> list[str]:
+        return [info.name for info in source_infos(self.value)]
+
+    def ops(self) -> list[str]:
+        return [str(op) for op in _ops_of(self.value)]
+
+
+def source_infos(value: Value) -> Iterator[TensorInfo]:
+    if isinstance(value, TensorInfo):
+        yield value
+    else:
+        for inp in value.comp.inputs:
+            yield from source_infos(inp)
+
+
+def _ops_of(value: Value) -> list[ops.BoundOp]:
+    if isinstance(value, TensorInfo):
+        return []
+    inner = [op for inp in value.comp.inputs for op in _ops_of(inp)]
+    return inner + list(value.comp.ops)
+
+
+@dataclass
+class Plan:
+    """The result of planning: outputs, the configs they were computed with, and every problem found."""
+
+    rules: Rules
+    source_config: dict[str, expr.Value]
+    config: dict[str, expr.Value]
+    tensors: list[PlannedTensor]
+    source_names: list[str]
+    problems: list[Diagnostic] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "rule": self.rules.name,
+            "rule_file": self.rules.display,
+            "architecture": self.rules.target.architecture,
+            "config": self.config,
+            "source_config": self.source_config,
+            "tensors": [
+                {
+                    "name": t.name,
+                    "sources": t.sources(),
+                    "ops": t.ops(),
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "steps": list(t.steps),
+                }
+                for t in self.tensors
+            ],
+            "total_bytes": self.total_bytes,
+            "notes": self.notes,
+            "problems": [str(p) for p in self.problems],
+        }
+
+
+def source_config(rules: Rules, found: Mapping[str, object] | None, overrides: Mapping[str, expr.Value]) -> dict:
+    """Declared source fields: the source's config.json where it has them, else the rule's defaults."""
+    values = dict(rules.source.config_defaults)
+    for key in values:
+        if found is not None and key in found:
+            values[key] = found[key]  # type: ignore[assignment]
+    values.update({k: v for k, v in overrides.items() if k in rules.source.config_defaults})
+    return values
+
+
+def target_config(
+    rules: Rules, src: Mapping[str, expr.Value], overrides: Mapping[str, expr.Value], problems: list[Diagnostic]
+) -> dict[str, expr.Value]:
+    """Evaluate the target config expressions over the source config; ``--set`` wins for target keys."""
+    values: dict[str, expr.Value] = {}
+    w = rules.where_target
+    for key, node in rules.target.config.items():
+        try:
+            values[key] = expr.evaluate(node, src)
+        except expr.ExprError as exc:
+            problems.append(
+                Diagnostic(f"cannot compute {key}: {exc.message}", w.file, w.line, w.column, f"target/config/{key}")
+            )
+    for key, value in overrides.items():
+        if key not in rules.source.config_defaults:
+            values[key] = value
+    return values
+
+
+class _Planner:
+    def __init__(self, rules: Rules, env: dict[str, expr.Value], problems: list[Diagnostic]) -> None:
+        self.rules, self.env, self.problems = rules, env, problems
+
+    def problem(self, step: Step, message: str) -> None:
+        self.problems.append(step.where.error(f"step {step.name!r}: {message}"))
+
+    def run(self, entries: dict[str, Entry]) -> dict[str, Entry]:
+        for step in self.rules.steps:
+            if isinstance(step, Drop):
+                hits = [n for n in entries if step.pattern.fullmatch(n)]
+                entries = {n: e for n, e in entries.items() if n not in set(hits)}
+            elif isinstance(step, Rename):
+                hits, entries = self.rename(step, entries)
+            else:
+                hits, entries = self.transform(step, entries)
+            if not hits and not step.optional:
+                sample = ", ".join(list(entries)[:3])
+                self.problem(
+                    step,
+                    "matched no tensor (a dead rule; add `optional: true` if that is expected)"
+                    + (f"; current names include {sample}" if sample else ""),
+                )
+        return entries
+
+    def _when(self, step: Rename | Transform, groups: dict[str, expr.Value]) -> bool:
+        if step.when is None:
+            return True
+        return bool(expr.evaluate(step.when, {**self.env, **groups}))
+
+    def _insert(self, step: Step, out: dict[str, Entry], name: str, entry: Entry, origin: str) -> None:
+        if name in out:
+            first = ", ".join(i.name for i in source_infos(out[name].value))
+            self.problem(step, f"two sources produce one output name {name!r}: {first} and {origin}")
+            return
+        out[name] = entry
+
+    def rename(self, step: Rename, entries: dict[str, Entry]) -> tuple[list[str], dict[str, Entry]]:
+        out: dict[str, Entry] = {}
+        hits: list[str] = []
+        for name, entry in entries.items():
+            new = name
+            try:
+                m = step.pattern.search(name) if step.anywhere else step.pattern.fullmatch(name)
+                if m is not None and self._when(step, template.group_env(m)):
+                    render = lambda mm: step.to.render(mm, {**self.env, **template.group_env(mm)})  # noqa: E731
+                    new = step.pattern.sub(render, name) if step.anywhere else render(m)
+                    hits.append(name)
+                    entry = Entry(entry.value, entry.shape, entry.dtype, (*entry.steps, step.name))
+            except expr.ExprError as exc:
+                self.problem(step, f"for {name!r}: {exc.message}")
+            self._insert(step, out, new, entry, name)
+        return hits, out
+
+    def _groups(self, step: Transform, entries: Mapping[str, Entry]) -> list[list[tuple[str, re.Match[str]]]]:
+        per_pattern = [[(n, m) for n in entries if (m := p.fullmatch(n))] for p in step.patterns]
+        if len(step.patterns) == 1:
+            return [[hit] for hit in per_pattern[0]]
+        common = sorted(set.intersection(*(set(p.groupindex) for p in step.patterns)))
+        keyed: dict[tuple[str | None, ...], list[list[tuple[str, re.Match[str]]]]] = {}
+        for i, hits in enumerate(per_pattern):
+            for name, m in hits:
+                slots = keyed.setdefault(tuple(m.group(g) for g in common), [[] for _ in step.patterns])
+                slots[i].append((name, m))
+        groups = []
+        for key, slots in keyed.items():
+            label = ", ".join(f"{g}={v}" for g, v in zip(common, key, strict=True)) or "the whole state dict"
+            if any(len(s) != 1 for s in slots):
+                counts = ", ".join(f"match[{i}]: {[n for n, _ in s] or 'nothing'}" for i, s in enumerate(slots))
+                self.problem(step, f"needs exactly one tensor per pattern for {label}, found {counts}")
+                continue
+            groups.append([s[0] for s in slots])
+        return groups
+
+    def bind(
+        self, op: Op, env: Mapping[str, expr.Value], input_shape: tuple[int, ...], current: list[torch.Tensor]
+    ) -> ops.BoundOp:
+        """Evaluate an op's expressions; ``input_shape`` is the transform input's, for ``reshape: input``."""
+
+        def ints(nodes: tuple[expr.Node, ...]) -> tuple[int, ...]:
+            values = [expr.evaluate(n, env) for n in nodes]
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v:
+                    raise expr.ExprError(f"a dimension must be a whole number, not {v!r}")
+            return tuple(int(v) for v in values)  # type: ignore[arg-type]
+
+        if isinstance(op, Split):
+            if op.sizes is not None:
+                return ops.BoundOp("split", (op.dim, ints(op.sizes)))
+            shape = list(current[0].shape) if len(current) == 1 else []
+            if not -len(shape) <= op.dim < len(shape) or shape[op.dim] % (op.parts or 1):
+                raise ops.OpError(f"split into {op.parts} equal parts along dim {op.dim} does not fit shape {shape}")
+            return ops.BoundOp("split", (op.dim, (shape[op.dim] // (op.parts or 1),) * (op.parts or 1)))
+        if isinstance(op, Concat):
+            return ops.BoundOp("concat", (op.dim,))
+        if isinstance(op, Reshape):
+            shape = input_shape if op.dims is None else ints(op.dims)
+            return ops.BoundOp("reshape" if op.copy else "view", (shape,))
+        if isinstance(op, Transpose | Permute):
+            return ops.BoundOp("transpose" if isinstance(op, Transpose) else "permute", (op.dims,))
+        assert isinstance(op, Cast)
+        return ops.BoundOp("cast", (op.dtype,))
+
+    def transform(self, step: Transform, entries: dict[str, Entry]) -> tuple[list[str], dict[str, Entry]]:
+        produced: dict[str, list[tuple[str, Entry]]] = {}  # first input name -> outputs
+        consumed: set[str] = set()
+        hits: list[str] = []
+        for group in self._groups(step, entries):
+            names = [n for n, _ in group]
+            first_match = group[0][1]
+            try:
+                env = {**self.env, **template.group_env(first_match)}
+                if not self._when(step, template.group_env(first_match)):
+                    continue
+                inputs = [entries[n] for n in names]
+                tensors = [torch.empty(e.shape, dtype=torch_dtype(e.dtype), device="meta") for e in inputs]
+                bound = []
+                for op in step.ops:
+                    b = self.bind(op, env, inputs[0].shape, tensors)
+                    tensors = ops.apply(b, tensors)
+                    bound.append(b)
+                outs = [tpl.render(first_match, env) for tpl in step.to]
+            except (expr.ExprError, ops.OpError) as exc:
+                self.problem(step, f"for {', '.join(names)}: {getattr(exc, 'message', exc)}")
+                continue
+            hits.extend(names)
+            consumed.update(names)
+            comp = Computation(step.name, tuple(e.value for e in inputs), tuple(bound), len(tensors))
+            history = (*dict.fromkeys(s for e in inputs for s in e.steps), step.name)
+            produced[names[0]] = [
+                (out, Entry(Pick(comp, i), tuple(t.shape), str(t.dtype).removeprefix("torch."), history))
+                for i, (out, t) in enumerate(zip(outs, tensors, strict=True))
+            ]
+        result: dict[str, Entry] = {}
+        for name, entry in entries.items():
+            for out, new in produced.get(name, []):
+                self._insert(step, result, out, new, name)
+            if name not in consumed:
+                self._insert(step, result, name, entry, name)
+        return hits, result
+
+
+def make_plan(
+    rules: Rules,
+    tensors: Mapping[str, TensorInfo],
+    found_config: Mapping[str, object] | None,
+    overrides: Mapping[str, expr.Value] | None = None,
+    dtype: str | None = None,
+) -> Plan:
+    """Plan ``rules`` over source tensor metadata; problems land in ``Plan.problems``."""
+    overrides = overrides or {}
+    problems: list[Diagnostic] = []
+    src = source_config(rules, found_config, overrides)
+    config = target_config(rules, src, overrides, problems)
+    entries = {n: Entry(i, i.shape, i.dtype, ()) for n, i in tensors.items()}
+    final = _Planner(rules, {**src, **config}, problems).run(entries)
+    out_dtype = dtype or (None if rules.target.dtype == "keep" else rules.target.dtype)
+    untouched = [n for n, e in final.items() if not e.steps]
+    if untouched:
+        listed = ", ".join(untouched[:SHOW]) + (f" and {len(untouched) - SHOW} more" if len(untouched) > SHOW else "")
+        problems.append(
+            Diagnostic(
+                f"{len(untouched)} source tensor(s) consumed by no step (rename or drop them): {listed}", rules.display
+            )
+        )
+    planned = [
+        PlannedTensor(n, e.value, e.shape, out_dtype if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.steps)
+        for n, e in final.items()
+    ]
+    return Plan(rules, src, config, planned, list(tensors), problems)

@@ -1,0 +1,290 @@
+"""Resolve a rule's source into local files (or, for plans, into remote safetensors headers).
+
+Hub files go through ``huggingface_hub`` (cache, ``HF_*`` variables, tokens, progress bars); local
+folders are searched the way ``from_pretrained`` searches them. Every failure becomes one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phi_rules.checkpoint import TensorInfo, parse_safetensors_header
+from phi_rules.errors import PhiRulesError
+from phi_rules.rules import FileSpec, Rules
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Command-line overrides of a rule's source."""
+
+    source: Path | None = None
+    revision: str | None = None
+    cache_dir: Path | None = None
+    offline: bool = False
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Local files to convert, and where they came from."""
+
+    origin: str
+    revision: str | None
+    weights: tuple[Path, ...]
+    config_path: Path | None
+    extras: tuple[Path, ...]
+    pins: dict[Path, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def config(self) -> dict[str, Any] | None:
+        if self.config_path is None:
+            return None
+        try:
+            data = json.loads(self.config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PhiRulesError(f"{self.config_path}: cannot read the source config: {exc}") from None
+        if not isinstance(data, dict):
+            raise PhiRulesError(f"{self.config_path}: the source config is not a JSON object")
+        return data
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(16 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Hasher:
+    """sha256 of every source file: pinned ones checked now, the rest hashed in the background."""
+
+    def __init__(self, resolved: ResolvedSource) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._jobs: dict[Path, Future[str]] = {}
+        for path in resolved.weights:
+            expected = resolved.pins.get(path)
+            if expected is None:
+                self._jobs[path] = self._pool.submit(sha256_file, path)
+                continue
+            actual = sha256_file(path)
+            if actual != expected:
+                self._pool.shutdown(cancel_futures=True)
+                raise PhiRulesError(f"{path}: sha256 mismatch: the rule pins {expected}, the file has {actual}")
+            done: Future[str] = Future()
+            done.set_result(actual)
+            self._jobs[path] = done
+
+    def result(self) -> dict[str, str]:
+        try:
+            return {p.name: f.result() for p, f in self._jobs.items()}
+        finally:
+            self._pool.shutdown()
+
+    def cancel(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def verify_pins(resolved: ResolvedSource) -> None:
+    """Check every pinned file not checked by a :class:`Hasher` (config and extra files)."""
+    for path, expected in resolved.pins.items():
+        if path not in resolved.weights and (actual := sha256_file(path)) != expected:
+            raise PhiRulesError(f"{path}: sha256 mismatch: the rule pins {expected}, the file has {actual}")
+
+
+# --- local folders ---------------------------------------------------------------------------------
+def _weights_in_folder(folder: Path, rules: Rules) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise PhiRulesError(f"{folder / index}: not a valid index file ({exc})") from None
+            return [folder / f for f in dict.fromkeys(weight_map.values())]
+        single = folder / index.removesuffix(".index.json")
+        if single.is_file():
+            return [single]
+    named = [folder / f.name for f in rules.source.files if (folder / f.name).is_file()]
+    if named:
+        return named
+    raise PhiRulesError(
+        f"{folder}: no weights found: looked for model.safetensors.index.json, model.safetensors, "
+        f"pytorch_model.bin.index.json, pytorch_model.bin and the rule's files "
+        f"({', '.join(f.name for f in rules.source.files) or 'none'})"
+    )
+
+
+def resolve_local(rules: Rules, path: Path) -> ResolvedSource:
+    """A folder (weights found as from_pretrained finds them) or a single weights file."""
+    if not path.exists():
+        raise PhiRulesError(f"{path}: source not found")
+    folder = path if path.is_dir() else path.parent
+    weights = _weights_in_folder(path, rules) if path.is_dir() else [path]
+    missing = [str(w) for w in weights if not w.is_file()]
+    if missing:
+        raise PhiRulesError(f"{path}: weight file(s) listed but missing: {', '.join(missing)}")
+    config = folder / rules.source.config_file
+    extras = tuple(folder / f.name for f in rules.source.extra_files if (folder / f.name).is_file())
+    pins = {
+        folder / f.name: f.sha256
+        for f in (*rules.source.files, *rules.source.extra_files)
+        if f.sha256 and (folder / f.name).is_file()
+    }
+    notes = () if config.is_file() else (f"{config} not found: using the rule's config_defaults",)
+    return ResolvedSource(str(path), None, tuple(weights), config if config.is_file() else None, extras, pins, notes)
+
+
+# --- the hub ---------------------------------------------------------------------------------------
+def _revision(rules: Rules, opts: SourceOptions) -> str:
+    revision = opts.revision or rules.source.revision
+    if revision is None:
+        raise PhiRulesError(
+            f"{rules.display}: source.revision is unknown for {rules.source.repo} (its main branch now holds "
+            "already-converted weights): pass --revision COMMIT, or --source PATH with the original files"
+        )
+    return revision
+
+
+@contextmanager
+def hub_errors(repo: str, revision: str, filename: str, opts: SourceOptions) -> Iterator[None]:
+    """Turn huggingface_hub and transport errors into one actionable line."""
+    import httpx2
+    from huggingface_hub import constants, errors
+
+    where = f"{repo}@{revision}"
+    try:
+        yield
+    except errors.RepositoryNotFoundError:
+        raise PhiRulesError(
+            f"{repo}: repository not found on {constants.ENDPOINT} "
+            "(or it is private or gated: pass --token or set HF_TOKEN)"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise PhiRulesError(f"{repo}: revision {revision!r} not found on {constants.ENDPOINT}") from None
+    except errors.RemoteEntryNotFoundError:
+        raise PhiRulesError(f"{where}: file {filename!r} not found on {constants.ENDPOINT}") from None
+    except errors.LocalEntryNotFoundError as exc:
+        cache = opts.cache_dir or constants.HF_HUB_CACHE
+        if opts.offline or constants.HF_HUB_OFFLINE:
+            raise PhiRulesError(
+                f"{where}: {filename} is not in the cache at {cache} and downloads are off "
+                "(offline): run once online, or use --source"
+            ) from None
+        cause = _root_cause(exc)
+        raise PhiRulesError(
+            f"{where}: cannot reach {constants.ENDPOINT} to fetch {filename} and it is not in "
+            f"the cache at {cache}: {cause}"
+        ) from None
+    except (httpx2.TransportError, errors.HfHubHTTPError, OSError) as exc:
+        raise PhiRulesError(
+            f"{where}: download of {filename} from {constants.ENDPOINT} failed: {_root_cause(exc)}"
+        ) from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _download(rules: Rules, opts: SourceOptions, revision: str, spec: FileSpec, *, required: bool) -> Path | None:
+    from huggingface_hub import errors, hf_hub_download
+
+    repo = str(rules.source.repo)
+    with hub_errors(repo, revision, spec.name, opts):
+        try:
+            return Path(
+                hf_hub_download(
+                    repo,
+                    spec.name,
+                    revision=revision,
+                    cache_dir=opts.cache_dir,
+                    token=opts.token,
+                    local_files_only=opts.offline,
+                )
+            )
+        except errors.EntryNotFoundError:
+            if required:
+                raise
+            return None
+
+
+def _commit_of(path: Path, filename: str) -> str:
+    """The snapshot folder a cached file lies in is named by its commit."""
+    return path.parents[len(Path(filename).parts) - 1].name
+
+
+def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> ResolvedSource:
+    """Download (or find in the cache) the rule's files at the pinned revision."""
+    revision = _revision(rules, opts)
+    src = rules.source
+    paths = [_download(rules, opts, revision, f, required=True) for f in src.files] if weights else []
+    config = _download(rules, opts, revision, FileSpec(src.config_file), required=False)
+    extras = [(f, _download(rules, opts, revision, f, required=False)) for f in src.extra_files]
+    notes = [f"{f.name}: not in {src.repo}@{revision}, not copied" for f, p in extras if p is None]
+    if config is None:
+        notes.append(f"{src.config_file}: not in {src.repo}@{revision}: using the rule's config_defaults")
+    commit = _commit_of(paths[0], src.files[0].name) if paths else revision
+    pins = {p: f.sha256 for f, p in [*zip(src.files, paths, strict=False), *extras] if p is not None and f.sha256}
+    return ResolvedSource(
+        f"{src.repo}@{commit}",
+        commit,
+        tuple(p for p in paths if p),
+        config,
+        tuple(p for _, p in extras if p is not None),
+        pins,
+        tuple(notes),
+    )
+
+
+def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
+    """The one way in: ``--source`` beats the rule's ``path``, which beats its hub ``repo``."""
+    if opts.source is not None:
+        return resolve_local(rules, opts.source)
+    if rules.source.path is not None:
+        return resolve_local(rules, rules.source.path)
+    return resolve_hub(rules, opts)
+
+
+def remote_tensors(
+    rules: Rules, opts: SourceOptions, note: Callable[[str], None]
+) -> tuple[dict[str, TensorInfo], ResolvedSource]:
+    """Tensor metadata of hub safetensors files from their headers alone (HTTP range requests)."""
+    from huggingface_hub import HfApi
+
+    resolved = resolve_hub(rules, opts, weights=False)
+    revision = _revision(rules, opts)
+    api = HfApi(token=opts.token)
+    tensors: dict[str, TensorInfo] = {}
+    local: list[Path] = []
+    for spec in rules.source.files:
+        if not spec.name.endswith(".safetensors"):
+            note(f"{spec.name}: a pickle has no header to read remotely: downloading it in full")
+            local.append(_download(rules, opts, revision, spec, required=True))  # type: ignore[arg-type]
+            continue
+        with hub_errors(str(rules.source.repo), revision, spec.name, opts):
+            meta = api.parse_safetensors_file_metadata(str(rules.source.repo), spec.name, revision=revision)
+        header = {
+            name: {"dtype": t.dtype, "shape": t.shape, "data_offsets": list(t.data_offsets)}
+            for name, t in meta.tensors.items()
+        }
+        tensors.update(parse_safetensors_header(json.dumps(header).encode(), f"{rules.source.repo}/{spec.name}"))
+    return tensors, ResolvedSource(
+        resolved.origin,
+        resolved.revision,
+        tuple(local),
+        resolved.config_path,
+        resolved.extras,
+        resolved.pins,
+        resolved.notes,
+    )

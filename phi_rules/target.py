@@ -1,0 +1,155 @@
+"""The transformers side: build the target config from keyword arguments, and check a plan
+against the architecture's real parameter set built on the ``meta`` device (no memory, no init).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.plan import SHOW, Plan
+
+ROPE_KEYS = ("partial_rotary_factor", "rope_theta")  # keyword arguments that land in rope_parameters
+
+
+def model_class(architecture: str) -> Any:
+    import transformers
+
+    cls = getattr(transformers, architecture, None)
+    if cls is None or not hasattr(cls, "config_class"):
+        hint = difflib.get_close_matches(architecture, [n for n in dir(transformers) if n.endswith("LM")], n=1)
+        raise PhiRulesError(
+            f"transformers {transformers.__version__} has no model class {architecture!r}"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
+    return cls
+
+
+def _known_fields(config_cls: Any) -> set[str]:
+    known = set(inspect.signature(config_cls.__init__).parameters) - {"self", "kwargs"}
+    known |= set(config_cls().to_dict())
+    if "rope_parameters" in known:
+        known |= set(ROPE_KEYS)
+    return known
+
+
+def saved_value(saved: Mapping[str, Any], key: str) -> Any:
+    """A config value as written to config.json, looking inside ``rope_parameters`` where it moved."""
+    if key in saved:
+        return saved[key]
+    return (saved.get("rope_parameters") or {}).get(key, saved.get(key))
+
+
+def build_config(plan: Plan, dtype: str | None) -> Any:
+    """The config object from keyword arguments only (setting attributes later can miss derived fields)."""
+    cls = model_class(plan.rules.target.architecture).config_class
+    w = plan.rules.where_target
+    unknown = sorted(set(plan.config) - _known_fields(cls))
+    if unknown:
+        raise PhiRulesError(
+            [
+                Diagnostic(
+                    f"{cls.__name__} has no field {k!r}"
+                    + (
+                        f"; did you mean {h[0]!r}?"
+                        if (h := difflib.get_close_matches(k, sorted(_known_fields(cls)), n=1))
+                        else ""
+                    ),
+                    w.file,
+                    w.line,
+                    w.column,
+                    f"target/config/{k}",
+                )
+                for k in unknown
+            ]
+        )
+    kwargs = dict(plan.config)
+    if dtype:
+        kwargs.setdefault("dtype", dtype)
+    kwargs.setdefault("architectures", [plan.rules.target.architecture])
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise PhiRulesError(
+            Diagnostic(f"{cls.__name__} rejected the config: {exc}", w.file, w.line, w.column, "target/config")
+        ) from None
+
+
+def check_saved_config(plan: Plan, path: Path) -> None:
+    """Read config.json back and require every requested value in it, where transformers will look."""
+    saved = json.loads(path.read_text())
+    w = plan.rules.where_target
+    wrong = [
+        Diagnostic(
+            f"requested {v!r} but the saved config.json holds {saved_value(saved, k)!r}",
+            w.file,
+            w.line,
+            w.column,
+            f"target/config/{k}",
+        )
+        for k, v in plan.config.items()
+        if saved_value(saved, k) != v
+    ]
+    if wrong:
+        raise PhiRulesError(wrong)
+
+
+def expected_parameters(plan: Plan, config: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes the architecture loads, without the tied copies it does not read from files."""
+    cls = model_class(plan.rules.target.architecture)
+    with torch.device("meta"):
+        model = cls(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        for key in tied if isinstance(tied, dict | list) else []:
+            shapes.pop(key, None)
+    return shapes
+
+
+def _listing(names: list[str]) -> str:
+    more = f" and {len(names) - SHOW} more" if len(names) > SHOW else ""
+    return ", ".join(names[:SHOW]) + more
+
+
+def already_converted(plan: Plan, expected: Mapping[str, tuple[int, ...]]) -> Diagnostic | None:
+    """Say so plainly when the source already uses the target's names (today's hub ``main`` branches)."""
+    same = [n for n in plan.source_names if n in expected]
+    if len(same) * 2 < len(expected) or not expected:
+        return None
+    return plan.rules.where_target.error(
+        f"the source is already in transformers' {plan.rules.target.architecture} layout ({len(same)} of "
+        f"{len(expected)} parameter names match): it needs no conversion; load it with from_pretrained directly "
+        "(the hub's main branches now hold converted weights: pin the revision that holds the original layout)"
+    )
+
+
+def check_against_target(plan: Plan, expected: Mapping[str, tuple[int, ...]]) -> list[Diagnostic]:
+    """Missing, unexpected and wrongly shaped parameters of the plan against the real model."""
+    arch = plan.rules.target.architecture
+    w = plan.rules.where_target
+    planned = {t.name: t.shape for t in plan.tensors}
+    problems = []
+    missing = [k for k in expected if k not in planned]
+    if missing:
+        problems.append(
+            w.error(f"{arch} expects {len(missing)} parameter(s) the plan does not produce: {_listing(missing)}")
+        )
+    unexpected = [k for k in planned if k not in expected]
+    if unexpected:
+        problems.append(
+            w.error(f"the plan produces {len(unexpected)} tensor(s) {arch} does not have: {_listing(unexpected)}")
+        )
+    wrong = [
+        f"{k} {list(planned[k])} (expected {list(s)})" for k, s in expected.items() if k in planned and planned[k] != s
+    ]
+    if wrong:
+        problems.append(w.error(f"{len(wrong)} tensor(s) have the wrong shape for {arch}: {_listing(wrong)}"))
+    return problems

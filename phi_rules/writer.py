@@ -1,0 +1,159 @@
+"""Write safetensors files incrementally, which the safetensors library cannot do.
+
+Every output shape and dtype is known from the plan, so each shard's header (and thus every
+tensor's offset) is fixed before any data is written. Data is written first at its offset and the
+header last, so that metadata computed during the run (source sha256s) can go into it; its length
+is reserved with placeholders of the same length.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from phi_rules.checkpoint import ST_CODES
+from phi_rules.errors import PhiRulesError
+from phi_rules.execute import Segment
+from phi_rules.plan import PlannedTensor
+
+CHUNK = 64 * 1024 * 1024
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a plain byte count, as transformers' ``max_shard_size`` reads them."""
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[t[len(num) :]]
+    except (ValueError, KeyError):
+        raise PhiRulesError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB") from None
+    if value < 1:
+        raise PhiRulesError(f"bad size {text!r}: must be positive")
+    return int(value)
+
+
+def shard(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    """Greedy shards in plan order: a new shard starts where adding a tensor would pass ``max_bytes``."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    entries: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        entries[t.name] = {
+            "dtype": ST_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data[:CHUNK], offset)
+        data, offset = data[n:], offset + n
+
+
+def copy_range(src: int, dst: int, begin: int, end: int, at: int) -> None:
+    """Copy bytes file to file in the kernel where it can (no pass through user space)."""
+    while begin < end:
+        try:
+            n = os.copy_file_range(src, dst, min(end - begin, 1 << 30), begin, at)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            n = 0
+        if n == 0:  # not supported here, or at EOF: fall back to plain reads and writes
+            chunk = os.pread(src, min(end - begin, CHUNK), begin)
+            if not chunk:
+                raise PhiRulesError("source file ended early (truncated?)")
+            _pwrite_all(dst, memoryview(chunk), at)
+            n = len(chunk)
+        begin, at = begin + n, at + n
+
+
+class SafetensorsWriter:
+    """Writes planned tensors into ``model.safetensors`` or shards plus their index, in plan order."""
+
+    def __init__(self, folder: Path, tensors: list[PlannedTensor], max_bytes: int, metadata: dict[str, str]) -> None:
+        self.folder = folder
+        self.shards = shard(tensors, max_bytes)
+        n = len(self.shards)
+        self.names = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.header_len = [len(_header(s, metadata)) for s in self.shards]
+        self.where: dict[str, tuple[int, int]] = {}  # tensor -> (shard, absolute offset)
+        for i, tensors_i in enumerate(self.shards):
+            offset = 8 + self.header_len[i]
+            for t in tensors_i:
+                self.where[t.name] = (i, offset)
+                offset += t.nbytes
+        self.fds = [os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for name in self.names]
+
+    def order(self) -> list[PlannedTensor]:
+        return [t for s in self.shards for t in s]
+
+    def write_tensor(self, planned: PlannedTensor, tensor: torch.Tensor) -> None:
+        i, offset = self.where[planned.name]
+        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        _pwrite_all(self.fds[i], memoryview(data).cast("B"), offset)
+
+    def copy_segments(self, planned: PlannedTensor, segments: list[Segment], fd_of: Callable[[str], int]) -> None:
+        i, offset = self.where[planned.name]
+        for file, begin, end in segments:
+            copy_range(fd_of(file), self.fds[i], begin, end, offset)
+            offset += end - begin
+
+    def finish(self, metadata: dict[str, str]) -> list[str]:
+        """Write headers (now with final metadata) and the index; return the files written."""
+        for i, tensors_i in enumerate(self.shards):
+            header = _header(tensors_i, metadata)
+            if len(header) != self.header_len[i]:
+                raise AssertionError("metadata changed length between planning and writing")
+            _pwrite_all(self.fds[i], memoryview(len(header).to_bytes(8, "little") + header), 0)
+            os.fsync(self.fds[i])
+            os.close(self.fds[i])
+        self.fds = []
+        written = list(self.names)
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
+                "weight_map": {t.name: self.names[i] for i, s in enumerate(self.shards) for t in s},
+            }
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            written.append("model.safetensors.index.json")
+        return written
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []

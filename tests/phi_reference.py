@@ -1,0 +1,186 @@
+"""The original Phi (phi-msft) architecture, written from its description, and random checkpoints.
+
+Nothing here comes from phi_rules or transformers: it is the independent side of the logits tests.
+Block: one LayerNorm, then attention and MLP in parallel, both added to the residual. Attention
+uses a fused ``Wqkv`` whose rows are [all q; all k; all v] (heads inside each) and rotary
+embeddings (rotate-half, base 10000) on the first ``rotary_dim`` dims of each head. Head:
+``lm_head.ln`` then ``lm_head.linear`` with bias.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+@dataclass(frozen=True)
+class MsftConfig:
+    vocab_size: int = 96
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    rotary_dim: int = 8
+    n_inner: int | None = None
+    n_positions: int = 64
+    layer_norm_epsilon: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_json(self) -> dict[str, object]:
+        """A config.json as the original repos shipped it (model_type phi-msft)."""
+        return {
+            "model_type": "phi-msft",
+            "architectures": ["PhiForCausalLM"],
+            "activation_function": "gelu_new",
+            "vocab_size": self.vocab_size,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_head_kv": None,
+            "n_inner": self.n_inner,
+            "rotary_dim": self.rotary_dim,
+            "n_positions": self.n_positions,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "resid_pdrop": 0.1,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": False,
+        }
+
+
+def random_state(
+    cfg: MsftConfig, dtype: torch.dtype = torch.float32, *, inv_freq: bool = False, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A random phi-msft state dict; ``inv_freq`` adds the rotary buffers old .bin files carry."""
+    g = torch.Generator().manual_seed(seed)
+    inner = cfg.n_inner or 4 * cfg.n_embd
+    e = cfg.n_embd
+
+    def r(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    state = {"transformer.embd.wte.weight": r(cfg.vocab_size, e, scale=1.0)}
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        state |= {
+            p + "ln.weight": 1 + r(e, scale=0.1),
+            p + "ln.bias": r(e, scale=0.1),
+            p + "mixer.Wqkv.weight": r(3 * e, e),
+            p + "mixer.Wqkv.bias": r(3 * e, scale=0.1),
+            p + "mixer.out_proj.weight": r(e, e),
+            p + "mixer.out_proj.bias": r(e, scale=0.1),
+            p + "mlp.fc1.weight": r(inner, e),
+            p + "mlp.fc1.bias": r(inner, scale=0.1),
+            p + "mlp.fc2.weight": r(e, inner, scale=0.1),
+            p + "mlp.fc2.bias": r(e, scale=0.1),
+        }
+        if inv_freq:
+            state[p + "mixer.rotary_emb.inv_freq"] = 1.0 / 10000 ** (
+                torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float32) / cfg.rotary_dim
+            )
+    state |= {
+        "lm_head.ln.weight": 1 + r(e, scale=0.1),
+        "lm_head.ln.bias": r(e, scale=0.1),
+        "lm_head.linear.weight": r(cfg.vocab_size, e),
+        "lm_head.linear.bias": r(cfg.vocab_size, scale=0.1),
+    }
+    return state
+
+
+def to_mixformer(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """The same weights under MixFormer-sequential names: layers.0 embeddings, blocks 1..N, head N+1."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("transformer.embd."):
+            out["layers.0." + k.removeprefix("transformer.embd.")] = v
+        elif k.startswith("transformer.h."):
+            i, rest = k.removeprefix("transformer.h.").split(".", 1)
+            out[f"layers.{int(i) + 1}.{rest}"] = v
+        else:
+            out[f"layers.{n_layer + 1}." + k.removeprefix("lm_head.")] = v
+    return out
+
+
+def write_checkpoint(
+    folder: Path, state: dict[str, torch.Tensor], cfg: MsftConfig | None, fmt: str = "safetensors", shards: int = 1
+) -> Path:
+    """Save like the original repos: safetensors (optionally sharded, with an index) or pytorch_model.bin."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:
+        (folder / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+    if fmt == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+        return folder
+    names = list(state)
+    if shards == 1:
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+    weight_map = {}
+    per = math.ceil(len(names) / shards)
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n].contiguous() for n in names[s * per : (s + 1) * per]}
+        save_file(part, folder / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _rotary(x: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """x: [T, H, D]; rotate-half on the first ``rotary_dim`` dims of each head, base 10000."""
+    t = x.shape[0]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    freqs = torch.outer(torch.arange(t, dtype=torch.float32), inv_freq)  # [T, rotary_dim/2]
+    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+    rot, keep = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, keep], dim=-1)
+
+
+def reference_logits(state: dict[str, torch.Tensor], cfg: MsftConfig, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [T, vocab] of the original architecture for one sequence, computed in float32."""
+    s = {k: v.float() for k, v in state.items()}
+    h_dim, n_head, eps = cfg.head_dim, cfg.n_head, cfg.layer_norm_epsilon
+    x = s["transformer.embd.wte.weight"][ids]
+    t = ids.shape[0]
+    mask = torch.full((t, t), float("-inf")).triu(1)
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        h = _layer_norm(x, s[p + "ln.weight"], s[p + "ln.bias"], eps)
+        qkv = (h @ s[p + "mixer.Wqkv.weight"].T + s[p + "mixer.Wqkv.bias"]).view(t, 3, n_head, h_dim)
+        q, k, v = _rotary(qkv[:, 0], cfg.rotary_dim), _rotary(qkv[:, 1], cfg.rotary_dim), qkv[:, 2]
+        scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(h_dim) + mask
+        attn = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(t, cfg.n_embd)
+        attn = attn @ s[p + "mixer.out_proj.weight"].T + s[p + "mixer.out_proj.bias"]
+        mlp = _gelu_new(h @ s[p + "mlp.fc1.weight"].T + s[p + "mlp.fc1.bias"]) @ s[p + "mlp.fc2.weight"].T
+        x = x + attn + mlp + s[p + "mlp.fc2.bias"]
+    x = _layer_norm(x, s["lm_head.ln.weight"], s["lm_head.ln.bias"], eps)
+    return x @ s["lm_head.linear.weight"].T + s["lm_head.linear.bias"]
+
+
+def converted_logits(folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[str]]]:
+    """Logits of the converted folder through AutoModelForCausalLM, in float32, and its loading info."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, output_loading_info=True, dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        return model(ids[None]).logits[0], info
