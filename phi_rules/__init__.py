@@ -10,8 +10,8 @@ The Python API mirrors the CLI::
 Every failure caused by input raises :class:`PhiRulesError`, whose ``diagnostics`` locate each problem.
 """
 
-from phi_rules.pipeline import Options, convert, plan
 from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.pipeline import Options, convert, plan
 from phi_rules.rules import Rules, load_rules
 from phi_rules.sources import SourceOptions
 

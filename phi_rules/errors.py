@@ -19,6 +19,7 @@ class Diagnostic:
     line: int | None = None
     column: int | None = None
     pointer: str | None = None
+    code: str | None = None  # which check found it: yaml, schema, semantic, plan, target, source
 
     def __str__(self) -> str:
         where = ""

@@ -43,8 +43,8 @@ class Where:
     column: int
     pointer: str
 
-    def error(self, message: str) -> Diagnostic:
-        return Diagnostic(message, self.file, self.line, self.column, self.pointer)
+    def error(self, message: str, code: str | None = None) -> Diagnostic:
+        return Diagnostic(message, self.file, self.line, self.column, self.pointer, code)
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,8 @@ class _Checker:
         line, col = self.located.position(path, key=key)
         return Where(self.display, line, col, _pointer(path))
 
-    def error(self, path: YPath, message: str, *, key: bool = False) -> None:
-        self.diagnostics.append(self.where(path, key=key).error(message))
+    def error(self, path: YPath, message: str, *, key: bool = False, code: str = "semantic") -> None:
+        self.diagnostics.append(self.where(path, key=key).error(message, code))
 
     def ok(self, path: YPath) -> bool:
         """True if the schema found nothing wrong at or below ``path``."""
@@ -204,18 +204,23 @@ class _Checker:
             for extra in sorted(set(err.instance) - allowed):
                 hint = difflib.get_close_matches(extra, sorted(allowed), n=1)
                 more = f"; did you mean {hint[0]!r}?" if hint else f" (allowed: {', '.join(sorted(allowed))})"
-                self.error((*path, extra), f"unknown key {extra!r}{more}", key=True)
+                self.error((*path, extra), f"unknown key {extra!r}{more}", key=True, code="schema")
             return
         if err.validator == "oneOf":
             kind = self._one_of_kind(path)
             if kind:
-                self.error(path, _ONE_OF_HINTS[kind])
+                self.error(path, _ONE_OF_HINTS[kind], code="schema")
+                return
+            typed = [e for e in err.context or [] if e.validator != "type"]  # skip alternatives of another type
+            best = jsonschema.exceptions.best_match(typed or err.context or [])
+            if best is not None:  # the alternative that came closest says what is wrong
+                self._schema_error(tuple(best.absolute_path), best)
                 return
         if err.validator == "required" and isinstance(err.instance, dict):
             missing = [k for k in err.validator_value if k not in err.instance]
-            self.error(path, f"missing required key {missing[0]!r}" if missing else err.message)
+            self.error(path, f"missing required key {missing[0]!r}" if missing else err.message, code="schema")
             return
-        self.error(path, err.message)
+        self.error(path, err.message, code="schema")
 
     @staticmethod
     def _one_of_kind(path: YPath) -> str | None:
@@ -328,7 +333,7 @@ def _build_op(
         sizes = arg.get("sizes")
         nodes = None
         if sizes is not None:
-            nodes = tuple(n for i, s in enumerate(sizes) if (n := c.parse_expr((*path, "sizes", i), s, known)))
+            nodes = tuple(n for i, s in enumerate(sizes) if (n := c.parse_expr((*path, kind, "sizes", i), s, known)))
         parts = len(sizes) if sizes is not None else arg["parts"]
         return Split(arg["dim"], arg.get("parts"), nodes), parts
     if kind == "concat":
@@ -338,7 +343,7 @@ def _build_op(
         dims = None
         if arg != "input":
             assert isinstance(arg, list)
-            dims = tuple(n for i, d in enumerate(arg) if (n := c.parse_expr((*path, i), d, known)))
+            dims = tuple(n for i, d in enumerate(arg) if (n := c.parse_expr((*path, kind, i), d, known)))
             if sum(1 for n in dims if n == expr.Const(-1)) > 1:
                 c.error(path, f"{kind} may infer (-1) only one dimension")
         return Reshape(kind == "reshape", dims), count
@@ -418,18 +423,24 @@ def _check(display: str, path: Path, text: str) -> tuple[list[Diagnostic], Rules
     try:
         located = load_located(text)
     except YamlSyntaxError as exc:
-        return [Diagnostic(f"YAML syntax error: {exc.message}", display, exc.line, exc.column)], None
+        return [Diagnostic(f"YAML syntax error: {exc.message}", display, exc.line, exc.column, code="yaml")], None
     c = _Checker(display, located)
     c.check_schema()
     data = located.data
     if not isinstance(data, dict):
         return c.diagnostics, None
     source = _build_source(c, data, path.parent) if c.ok(("source",)) and "source" in data else None
-    source_names = {k: "source" for k in (source.config_defaults if source else {})}
+    # Names are taken from the raw data so that a schema error in `source` does not make every
+    # expression report unknown names as well.
+    raw_source = data.get("source")
+    defaults = raw_source.get("config_defaults") if isinstance(raw_source, dict) else None
+    source_names = {str(k): "source" for k in (defaults if isinstance(defaults, dict) else {})}
     target = None
     if c.ok(("target",)) and "target" in data:
         target = _build_target(c, data, source_names)
-    config_names = {**source_names, **{k: "target" for k in (target.config if target else {})}}
+    raw_target = data.get("target")
+    raw_config = raw_target.get("config") if isinstance(raw_target, dict) else None
+    config_names = {**source_names, **{str(k): "target" for k in (raw_config if isinstance(raw_config, dict) else {})}}
     steps: list[Step | None] = []
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     assert isinstance(raw_steps, list)
@@ -461,14 +472,17 @@ def _read(path: Path, display: str) -> tuple[str | None, list[Diagnostic]]:
         return None, [Diagnostic(f"cannot read rule file: {reason}", display)]
 
 
+def check_text(text: str, display: str = "<string>", path: Path | None = None) -> list[Diagnostic]:
+    """All problems of a rule document, sorted by position; empty if it is valid."""
+    problems, _ = _check(display, path or Path(display), text)
+    return sorted(problems, key=lambda d: (d.line or 0, d.column or 0))
+
+
 def check_file(path: Path | str) -> list[Diagnostic]:
     """All problems of one rule file, sorted by position; empty if it is valid."""
     path = Path(path)
     text, problems = _read(path, str(path))
-    if text is None:
-        return problems
-    problems, _ = _check(str(path), path, text)
-    return sorted(problems, key=lambda d: (d.line or 0, d.column or 0))
+    return problems if text is None else check_text(text, str(path), path)
 
 
 def load_rules(path: Path | str) -> Rules:

@@ -1,0 +1,186 @@
+"""The rule language: shipped files are valid, every broken file is rejected with its location."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.rules import SCHEMA_PATH, check_file, check_text, load_rules, rule_files
+
+SHIPPED = rule_files([ROOT / "rules"])
+BROKEN = sorted((ROOT / "tests" / "broken").glob("*.yaml"))
+
+
+def test_shipped_rules_are_valid(cli) -> None:
+    code, out, err = cli("validate", ROOT / "rules")
+    assert (code, out) == (0, "")
+    assert f"{len(SHIPPED)} file(s) checked, 0 error(s)" in err
+    assert len(SHIPPED) >= 6
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_rules_start_with_schema_modeline(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    m = re.fullmatch(r"# yaml-language-server: \$schema=(\S+)", first)
+    assert m, first
+    assert (path.parent / m.group(1)).resolve() == SCHEMA_PATH
+
+
+def test_broken_corpus_is_large_enough() -> None:
+    assert len(BROKEN) >= 15
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
+def test_broken_file_is_rejected_with_location(path: Path, cli) -> None:
+    expect = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    line, col, pointer, message = re.fullmatch(r"(\d+):(\d+): ([^:]*): (.*)", expect).groups()  # type: ignore[union-attr]
+    found = check_file(path)
+    assert any(
+        (d.line, d.column, d.pointer or "", d.file) == (int(line), int(col), pointer, str(path))
+        and d.message.startswith(message)
+        for d in found
+    ), [str(d) for d in found]
+    code, out, err = cli("validate", path)
+    assert code == 1
+    assert "Traceback" not in out + err
+    prefix = f"{path}:{line}:{col}: " + (f"{pointer}: " if pointer else "")
+    assert any(row.startswith(prefix + message) for row in out.splitlines()), out
+    with pytest.raises(PhiRulesError) as info:
+        load_rules(path)
+    assert [str(d) for d in info.value.diagnostics] == [str(d) for d in found]
+
+
+def test_all_errors_of_all_files_in_one_run_as_json(cli) -> None:
+    code, out, _ = cli("validate", ROOT / "tests" / "broken", ROOT / "rules", "--format", "json")
+    assert code == 1
+    rows = json.loads(out)
+    assert {r["file"] for r in rows} == {str(p) for p in BROKEN}
+    assert all(set(r) == {"message", "file", "line", "column", "pointer", "code"} for r in rows)
+    assert len(rows) >= len(BROKEN)
+
+
+def test_validate_exits_zero_as_json_when_clean(cli) -> None:
+    code, out, _ = cli("validate", ROOT / "rules" / "phi-2.yaml", "--format", "json")
+    assert (code, json.loads(out)) == (0, [])
+
+
+def test_missing_file_is_a_located_error_not_a_traceback(cli, tmp_path: Path) -> None:
+    code, out, err = cli("validate", tmp_path / "nope.yaml")
+    assert code == 1 and "cannot read rule file" in out and "Traceback" not in err
+
+
+def _check_jsonschema_passes(path: Path) -> bool:
+    exe = shutil.which("check-jsonschema") or str(Path(sys.executable).parent / "check-jsonschema")
+    run = subprocess.run([exe, "--schemafile", str(SCHEMA_PATH), str(path)], capture_output=True, text=True)
+    assert run.returncode in (0, 1), run.stderr
+    return run.returncode == 0
+
+
+@pytest.mark.parametrize("path", SHIPPED + BROKEN, ids=lambda p: p.stem)
+def test_independent_validator_agrees_with_schema_verdict(path: Path) -> None:
+    ours = not any(d.code in ("yaml", "schema") for d in check_file(path))
+    assert _check_jsonschema_passes(path) == ours
+
+
+def test_schema_documents_every_property() -> None:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    assert schema["$schema"].endswith("2020-12/schema") and schema["$id"]
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                assert node.get("additionalProperties") is False, where
+            for name, prop in node.get("properties", {}).items():
+                assert prop.get("title") and prop.get("description"), f"{where}/{name}"
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}/{i}")
+
+    walk(schema, "")
+
+
+def test_schema_command_prints_the_schema(cli) -> None:
+    code, out, _ = cli("schema")
+    assert code == 0 and json.loads(out) == json.loads(SCHEMA_PATH.read_text())
+
+
+def test_list_shows_shipped_rules(cli) -> None:
+    code, out, _ = cli("list")
+    assert code == 0
+    assert "rules/phi-2.yaml\tphi-2\t" in out and "seed-compat-phi-2" in out
+
+
+# --- the validator never raises anything but its own error type -----------------------------------
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
+documents = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=5)),
+    max_leaves=25,
+)
+VALID_TEXTS = [p.read_text() for p in SHIPPED]
+
+
+def _assert_only_diagnostics(text: str) -> None:
+    found = check_text(text, "fuzz.yaml")
+    assert all(isinstance(d, Diagnostic) and d.message for d in found)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents)
+def test_random_yaml_documents(doc: object) -> None:
+    _assert_only_diagnostics(yaml.safe_dump(doc))
+
+
+def _mutate(data: object, path: list[object], value: object, delete: bool) -> object:
+    if not path:
+        return value
+    head, *rest = path
+    if isinstance(data, dict) and data:
+        key = list(data)[int(head) % len(data)]  # type: ignore[call-overload]
+        copy = dict(data)
+        if delete and not rest:
+            del copy[key]
+        else:
+            copy[key] = _mutate(data[key], rest, value, delete)
+        return copy
+    if isinstance(data, list) and data:
+        i = int(head) % len(data)  # type: ignore[call-overload]
+        copy = list(data)
+        if delete and not rest:
+            del copy[i]
+        else:
+            copy[i] = _mutate(data[i], rest, value, delete)
+        return copy
+    return value
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(VALID_TEXTS),
+    st.lists(st.integers(0, 50), min_size=1, max_size=6),
+    st.one_of(scalars, documents),
+    st.booleans(),
+)
+def test_mutated_valid_rules(text: str, path: list[int], value: object, delete: bool) -> None:
+    data = yaml.safe_load(text)
+    _assert_only_diagnostics(yaml.safe_dump(_mutate(data, list(path), value, delete)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(VALID_TEXTS), st.integers(0, 10_000), st.integers(0, 40), st.text(max_size=8))
+def test_text_splices_of_valid_rules(text: str, at: int, cut: int, insert: str) -> None:
+    at %= len(text)
+    _assert_only_diagnostics(text[:at] + insert + text[at + cut :])
