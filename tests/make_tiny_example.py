@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from phi_reference import MsftConfig, random_state, write_checkpoint  # noqa: E402
+from phi_reference import MsftConfig, random_state, write_checkpoint
 
 TINY = MsftConfig(vocab_size=1024, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128)
 

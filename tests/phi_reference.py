@@ -63,7 +63,7 @@ def random_state(
     inner = cfg.n_inner or 4 * cfg.n_embd
     e = cfg.n_embd
 
-    def r(*shape: int, scale: float = 0.2) -> torch.Tensor:
+    def r(*shape: int, scale: float = 0.08) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
 
     state = {"transformer.embd.wte.weight": r(cfg.vocab_size, e, scale=1.0)}

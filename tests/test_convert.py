@@ -1,0 +1,186 @@
+"""Proof by function: random original checkpoints, converted by the CLI, loaded by transformers,
+compared logit for logit with the original architecture implemented in phi_reference."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from phi_reference import (
+    MsftConfig,
+    converted_logits,
+    random_state,
+    reference_logits,
+    to_mixformer,
+    write_checkpoint,
+)
+from safetensors import safe_open
+
+import phi_rules
+
+PHI2 = ROOT / "rules" / "phi-2.yaml"
+HEAD64 = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=2, rotary_dim=32)  # head_dim 64
+HEAD80 = MsftConfig(vocab_size=80, n_embd=160, n_layer=2, n_head=2, rotary_dim=32, n_inner=200)  # head_dim 80
+IDS = torch.tensor([3, 17, 5, 42, 8, 61, 0, 77, 12, 9, 33, 50])
+
+
+def file_keys(folder: Path) -> list[str]:
+    """Every tensor name in the written files, counted by us (transformers ignores stray keys)."""
+    keys: list[str] = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            keys += list(fh.keys())
+    if (folder / "pytorch_model.bin").exists():
+        keys += list(torch.load(folder / "pytorch_model.bin", weights_only=True))
+    return keys
+
+
+def assert_same_function(out: Path, state: dict[str, torch.Tensor], cfg: MsftConfig) -> None:
+    from transformers import AutoModelForCausalLM
+
+    got, info = converted_logits(out, IDS)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    model_keys = set(AutoModelForCausalLM.from_pretrained(out).state_dict())
+    keys = file_keys(out)
+    assert len(keys) == len(set(keys)) and set(keys) == model_keys, set(keys) ^ model_keys
+    ref = reference_logits(state, cfg, IDS)
+    assert ref.std() > 0.1  # logits that vary, so that a wrong conversion cannot pass by accident
+    diff = (got - ref).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+CASES = [
+    ("bin-inv_freq-fp32-head64", HEAD64, torch.float32, "bin", 1, True),
+    ("safetensors-fp16-head80", HEAD80, torch.float16, "safetensors", 1, False),
+    ("sharded-bf16-head64", HEAD64, torch.bfloat16, "safetensors", 3, False),
+    ("sharded-fp32-head80", HEAD80, torch.float32, "safetensors", 2, False),
+    ("bin-inv_freq-fp16-head80", HEAD80, torch.float16, "bin", 1, True),
+]
+
+
+@pytest.mark.parametrize(("cfg", "dtype", "fmt", "shards", "inv_freq"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_logits_match_original(cli, tmp_path: Path, cfg: MsftConfig, dtype: torch.dtype, fmt: str, shards: int,
+                               inv_freq: bool) -> None:
+    state = random_state(cfg, dtype, inv_freq=inv_freq, seed=7)
+    src = write_checkpoint(tmp_path / "src", state, cfg, fmt, shards)
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    assert_same_function(tmp_path / "out", state, cfg)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {str(dtype).removeprefix("torch.").replace(
+            "float32", "F32").replace("float16", "F16").replace("bfloat16", "BF16").replace("bF16", "BF16")}
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["rope_parameters"]["partial_rotary_factor"] == pytest.approx(cfg.rotary_dim / cfg.head_dim)
+    assert saved["intermediate_size"] == (cfg.n_inner or 4 * cfg.n_embd)
+    assert (tmp_path / "out" / "generation_config.json").is_file()
+
+
+def test_dtype_cast_and_small_shards(cli, tmp_path: Path) -> None:
+    state = random_state(HEAD64, torch.float16, seed=3)
+    src = write_checkpoint(tmp_path / "src", state, HEAD64)
+    out = tmp_path / "out"
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", out, "--dtype", "float32", "--max-shard-size", "60KB")
+    assert code == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    for s in shards:
+        with safe_open(s, "pt") as fh:
+            assert all(fh.get_tensor(k).dtype == torch.float32 for k in fh.keys())
+    assert_same_function(out, state, HEAD64)
+
+
+def test_mixformer_sequential_layout(cli, tmp_path: Path) -> None:
+    state = random_state(HEAD64, torch.float32, inv_freq=True, seed=5)
+    src = write_checkpoint(tmp_path / "src", to_mixformer(state, HEAD64.n_layer), HEAD64, "bin")
+    code, _, err = cli("apply", ROOT / "rules" / "phi-1_5-mixformer.yaml", "--source", src, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert_same_function(tmp_path / "out", state, HEAD64)
+
+
+def test_tiny_example_is_shipped_and_converts_offline(cli, tmp_path: Path) -> None:
+    from make_tiny_example import TINY, build
+
+    build(tmp_path / "regenerated")
+    shipped = ROOT / "rules" / "examples" / "tiny-phi-2"
+    for f in shipped.iterdir():
+        assert f.read_bytes() == (tmp_path / "regenerated" / f.name).read_bytes(), f.name
+    assert sum(f.stat().st_size for f in shipped.iterdir()) < 2 * 1024 * 1024
+    code, _, err = cli("apply", ROOT / "rules" / "examples" / "tiny-phi-2.yaml", "--out", tmp_path / "out")
+    assert code == 0, err
+    state = random_state(TINY, torch.float16, seed=2024)
+    assert_same_function(tmp_path / "out", state, TINY)
+
+
+def test_output_metadata_records_rule_and_sources(cli, tmp_path: Path) -> None:
+    src = write_checkpoint(tmp_path / "src", random_state(HEAD64, seed=1), HEAD64, shards=2)
+    out = tmp_path / "out"
+    assert cli("apply", PHI2, "--source", src, "--out", out)[0] == 0
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        meta = fh.metadata()
+    assert meta["format"] == "pt" and meta["phi_rules.rule"] == "phi-2"
+    assert meta["phi_rules.rule_sha256"] == hashlib.sha256(PHI2.read_bytes()).hexdigest()
+    expected = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in src.glob("*.safetensors")}
+    assert json.loads(meta["phi_rules.source_sha256"]) == expected
+
+
+def test_bin_output_format(cli, tmp_path: Path) -> None:
+    state = random_state(HEAD80, seed=2)
+    src = write_checkpoint(tmp_path / "src", state, HEAD80)
+    assert cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--format", "bin")[0] == 0
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+    assert_same_function(tmp_path / "out", state, HEAD80)
+
+
+def test_python_api(tmp_path: Path) -> None:
+    state = random_state(HEAD64, seed=4)
+    src = write_checkpoint(tmp_path / "src", state, HEAD64)
+    rules = phi_rules.load_rules(PHI2)
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=src))
+    plan = phi_rules.plan(rules, options)
+    assert plan.config["hidden_size"] == 128 and len(plan.tensors) == 1 + 14 * HEAD64.n_layer + 4
+    done = phi_rules.convert(rules, tmp_path / "out", options)
+    assert [t.name for t in done.tensors] == [t.name for t in plan.tensors]
+    assert_same_function(tmp_path / "out", state, HEAD64)
+
+
+def test_several_rules_give_one_folder_each(cli, tmp_path: Path) -> None:
+    code, _, err = cli("apply", ROOT / "rules" / "examples" / "tiny-phi-2.yaml", ROOT / "rules" / "phi-2.yaml",
+                       "--out", tmp_path / "models", "--offline", "--quiet")
+    assert code == 1 and "not in the cache" in err  # phi-2 needs the hub; everything before it was written
+    assert (tmp_path / "models" / "tiny-phi-2" / "model.safetensors").is_file()
+    assert not (tmp_path / "models" / "phi-2").exists()
+
+
+def test_set_overrides_a_source_field(cli, tmp_path: Path) -> None:
+    cfg = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=2, rotary_dim=16)
+    state = random_state(cfg, seed=8)
+    src = write_checkpoint(tmp_path / "src", state, None)  # no config.json: defaults plus --set
+    sets = [f"--set={k}={v}" for k, v in cfg.to_json().items() if k in ("vocab_size", "n_embd", "n_layer", "n_head",
+                                                                      "rotary_dim", "n_positions")]
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", *sets)
+    assert code == 0, err
+    assert "config.json not found" in err
+    assert_same_function(tmp_path / "out", state, cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device(cli, tmp_path: Path) -> None:
+    state = random_state(HEAD80, torch.bfloat16, seed=9)
+    src = write_checkpoint(tmp_path / "src", state, HEAD80, shards=2)
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--device", "cuda",
+                       "--dtype", "float32")
+    assert code == 0, err
+    assert_same_function(tmp_path / "out", state, HEAD80)
+
+
+def test_cuda_unavailable_is_a_clear_error(cli, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, _, err = cli("apply", PHI2, "--out", tmp_path / "o", "--device", "cuda:0")
+    assert code == 1 and err.strip() == "error: --device cuda:0: CUDA is not available on this machine"
