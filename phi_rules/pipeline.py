@@ -56,8 +56,10 @@ def _checked(plan: Plan, dtype: str | None) -> object:
     if plan.rules.target.check:
         expected = target.expected_parameters(plan, config)
         already = target.already_converted(plan, expected)
-        # When the layout is already converted, every other problem is a consequence of that.
-        problems = [already] if already else problems + target.check_against_target(plan, expected)
+        if already:  # every other problem is a consequence of that
+            problems = [already]
+        elif all(p.code == "unconsumed" for p in problems):  # a failed step would only cascade here
+            problems += target.check_against_target(plan, expected)
     if problems:
         raise PhiRulesError(problems)
     return config

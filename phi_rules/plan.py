@@ -165,7 +165,7 @@ class _Planner:
         self.rules, self.env, self.problems = rules, env, problems
 
     def problem(self, step: Step, message: str) -> None:
-        self.problems.append(step.where.error(f"step {step.name!r}: {message}"))
+        self.problems.append(step.where.error(f"step {step.name!r}: {message}", "step"))
 
     def run(self, entries: dict[str, Entry]) -> dict[str, Entry]:
         for step in self.rules.steps:
@@ -211,6 +211,8 @@ class _Planner:
                     entry = Entry(entry.value, entry.shape, entry.dtype, (*entry.steps, step.name))
             except expr.ExprError as exc:
                 self.problem(step, f"for {name!r}: {exc.message}")
+                hits.append(name)
+                entry = Entry(entry.value, entry.shape, entry.dtype, (*entry.steps, step.name))
             self._insert(step, out, new, entry, name)
         return hits, out
 
@@ -284,6 +286,9 @@ class _Planner:
                 outs = [tpl.render(first_match, env) for tpl in step.to]
             except (expr.ExprError, ops.OpError) as exc:
                 self.problem(step, f"for {', '.join(names)}: {getattr(exc, 'message', exc)}")
+                hits.extend(names)  # it matched: reported here, not again as dead or unconsumed
+                for n in names:
+                    entries[n] = Entry(entries[n].value, entries[n].shape, entries[n].dtype, (step.name,))
                 continue
             hits.extend(names)
             consumed.update(names)
@@ -322,7 +327,9 @@ def make_plan(
         listed = ", ".join(untouched[:SHOW]) + (f" and {len(untouched) - SHOW} more" if len(untouched) > SHOW else "")
         problems.append(
             Diagnostic(
-                f"{len(untouched)} source tensor(s) consumed by no step (rename or drop them): {listed}", rules.display
+                f"{len(untouched)} source tensor(s) consumed by no step (rename or drop them): {listed}",
+                rules.display,
+                code="unconsumed",
             )
         )
     planned = [

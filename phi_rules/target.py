@@ -122,12 +122,14 @@ def _listing(names: list[str]) -> str:
 def already_converted(plan: Plan, expected: Mapping[str, tuple[int, ...]]) -> Diagnostic | None:
     """Say so plainly when the source already uses the target's names (today's hub ``main`` branches)."""
     same = [n for n in plan.source_names if n in expected]
-    if len(same) * 2 < len(expected) or not expected:
+    if not same or len(same) * 2 < len(plan.source_names):
         return None
     return plan.rules.where_target.error(
         f"the source is already in transformers' {plan.rules.target.architecture} layout ({len(same)} of "
-        f"{len(expected)} parameter names match): it needs no conversion; load it with from_pretrained directly "
-        "(the hub's main branches now hold converted weights: pin the revision that holds the original layout)"
+        f"{len(plan.source_names)} source tensor names are its parameter names): it needs no conversion; load it "
+        "with from_pretrained directly (the hub's main branches now hold converted weights: pin the revision "
+        "that holds the original layout)",
+        "target",
     )
 
 

@@ -62,18 +62,26 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("cfg", "dtype", "fmt", "shards", "inv_freq"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_logits_match_original(cli, tmp_path: Path, cfg: MsftConfig, dtype: torch.dtype, fmt: str, shards: int,
-                               inv_freq: bool) -> None:
+@pytest.mark.parametrize(
+    ("cfg", "dtype", "fmt", "shards", "inv_freq"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_logits_match_original(
+    cli, tmp_path: Path, cfg: MsftConfig, dtype: torch.dtype, fmt: str, shards: int, inv_freq: bool
+) -> None:
     state = random_state(cfg, dtype, inv_freq=inv_freq, seed=7)
     src = write_checkpoint(tmp_path / "src", state, cfg, fmt, shards)
     code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--quiet")
     assert code == 0, err
     assert_same_function(tmp_path / "out", state, cfg)
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as fh:
-        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {str(dtype).removeprefix("torch.").replace(
-            "float32", "F32").replace("float16", "F16").replace("bfloat16", "BF16").replace("bF16", "BF16")}
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {
+            str(dtype)
+            .removeprefix("torch.")
+            .replace("float32", "F32")
+            .replace("float16", "F16")
+            .replace("bfloat16", "BF16")
+            .replace("bF16", "BF16")
+        }
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["rope_parameters"]["partial_rotary_factor"] == pytest.approx(cfg.rotary_dim / cfg.head_dim)
     assert saved["intermediate_size"] == (cfg.n_inner or 4 * cfg.n_embd)
@@ -150,8 +158,15 @@ def test_python_api(tmp_path: Path) -> None:
 
 
 def test_several_rules_give_one_folder_each(cli, tmp_path: Path) -> None:
-    code, _, err = cli("apply", ROOT / "rules" / "examples" / "tiny-phi-2.yaml", ROOT / "rules" / "phi-2.yaml",
-                       "--out", tmp_path / "models", "--offline", "--quiet")
+    code, _, err = cli(
+        "apply",
+        ROOT / "rules" / "examples" / "tiny-phi-2.yaml",
+        ROOT / "rules" / "phi-2.yaml",
+        "--out",
+        tmp_path / "models",
+        "--offline",
+        "--quiet",
+    )
     assert code == 1 and "not in the cache" in err  # phi-2 needs the hub; everything before it was written
     assert (tmp_path / "models" / "tiny-phi-2" / "model.safetensors").is_file()
     assert not (tmp_path / "models" / "phi-2").exists()
@@ -161,8 +176,11 @@ def test_set_overrides_a_source_field(cli, tmp_path: Path) -> None:
     cfg = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=2, rotary_dim=16)
     state = random_state(cfg, seed=8)
     src = write_checkpoint(tmp_path / "src", state, None)  # no config.json: defaults plus --set
-    sets = [f"--set={k}={v}" for k, v in cfg.to_json().items() if k in ("vocab_size", "n_embd", "n_layer", "n_head",
-                                                                      "rotary_dim", "n_positions")]
+    sets = [
+        f"--set={k}={v}"
+        for k, v in cfg.to_json().items()
+        if k in ("vocab_size", "n_embd", "n_layer", "n_head", "rotary_dim", "n_positions")
+    ]
     code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", *sets)
     assert code == 0, err
     assert "config.json not found" in err
@@ -173,8 +191,9 @@ def test_set_overrides_a_source_field(cli, tmp_path: Path) -> None:
 def test_cuda_device(cli, tmp_path: Path) -> None:
     state = random_state(HEAD80, torch.bfloat16, seed=9)
     src = write_checkpoint(tmp_path / "src", state, HEAD80, shards=2)
-    code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--device", "cuda",
-                       "--dtype", "float32")
+    code, _, err = cli(
+        "apply", PHI2, "--source", src, "--out", tmp_path / "out", "--device", "cuda", "--dtype", "float32"
+    )
     assert code == 0, err
     assert_same_function(tmp_path / "out", state, HEAD80)
 

@@ -1,0 +1,219 @@
+"""Every check class: exit 1, one-line messages naming the keys, and nothing at DIR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from phi_reference import MsftConfig, random_state, write_checkpoint
+
+PHI2 = ROOT / "rules" / "phi-2.yaml"
+CFG = MsftConfig(vocab_size=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+
+
+def rule_variant(tmp_path: Path, old: str, new: str, base: Path = PHI2) -> Path:
+    text = base.read_text()
+    assert old in text, old
+    path = tmp_path / "variant.yaml"
+    path.write_text(text.replace(old, new, 1).replace("$schema=../", f"$schema={ROOT}/"))
+    return path
+
+
+def source(tmp_path: Path, **changes: torch.Tensor | None) -> Path:
+    state = random_state(CFG, seed=1)
+    for key, value in changes.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    return write_checkpoint(tmp_path / "src", state, CFG)
+
+
+def assert_refused(cli, tmp_path: Path, rules: Path, src: Path, *extra: str, expect: list[str]) -> str:
+    out = tmp_path / "out"
+    for command in (["plan", rules, "--source", src, *extra], ["apply", rules, "--source", src, "--out", out, *extra]):
+        code, stdout, err = cli(*command)
+        assert code == 1, (command, stdout, err)
+        assert "Traceback" not in err
+        lines = err.strip().splitlines()
+        for piece in expect:
+            assert any(piece in line for line in lines), (piece, lines)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no partial folder left
+    return err
+
+
+def test_unconsumed_source_key(cli, tmp_path: Path) -> None:
+    src = source(tmp_path, **{"transformer.h.0.mixer.extra.weight": torch.zeros(3)})
+    assert_refused(
+        cli,
+        tmp_path,
+        PHI2,
+        src,
+        expect=["1 source tensor(s) consumed by no step (rename or drop them): transformer.h.0.mixer.extra.weight"],
+    )
+
+
+def test_two_sources_one_output(cli, tmp_path: Path) -> None:
+    rules = rule_variant(tmp_path, r"to: 'model.layers.\1.mlp.\2.\3'", r"to: 'model.layers.\1.mlp.fc1.\3'")
+    assert_refused(
+        cli,
+        tmp_path,
+        rules,
+        source(tmp_path),
+        expect=[
+            "step 'mlp': two sources produce one output name 'model.layers.0.mlp.fc1.bias': "
+            "transformer.h.0.mlp.fc1.bias and transformer.h.0.mlp.fc2.bias"
+        ],
+    )
+
+
+def test_dead_rule(cli, tmp_path: Path) -> None:
+    rules = rule_variant(tmp_path, "    optional: true\n    drop:", "    drop:")
+    err = assert_refused(
+        cli,
+        tmp_path,
+        rules,
+        source(tmp_path),
+        expect=[
+            "step 'drop-rotary-buffers': matched no tensor (a dead rule; add `optional: true` if that is expected)"
+        ],
+    )
+    assert err.startswith(f"{rules}:")  # located in the rule file
+
+
+def test_split_sizes_do_not_fit(cli, tmp_path: Path) -> None:
+    rules = rule_variant(tmp_path, "              - hidden_size\n", "              - hidden_size + 1\n")
+    assert_refused(
+        cli,
+        tmp_path,
+        rules,
+        source(tmp_path),
+        expect=[
+            "step 'split-qkv': for transformer.h.0.mixer.Wqkv.weight: sizes [65, 64, 64] add up to 193, but dim 0 of "
+            "shape [192, 64] is 192"
+        ],
+    )
+
+
+def test_view_does_not_divide(cli, tmp_path: Path) -> None:
+    seed = ROOT / "rules" / "seed-compat" / "phi-2.yaml"
+    assert_refused(
+        cli,
+        tmp_path,
+        seed,
+        source(tmp_path),
+        "--set",
+        "n_head=5",
+        expect=[
+            "step 'interleave-qkv-weight': for transformer.h.0.mixer.Wqkv.weight: view(3, 5, -1, 64) does not fit "
+            "input shape [192, 64]"
+        ],
+    )
+
+
+def test_target_missing_parameter(cli, tmp_path: Path) -> None:
+    src = source(tmp_path, **{"lm_head.linear.bias": None})
+    assert_refused(
+        cli,
+        tmp_path,
+        PHI2,
+        src,
+        expect=["PhiForCausalLM expects 1 parameter(s) the plan does not produce: lm_head.bias"],
+    )
+
+
+def test_target_unexpected_parameters(cli, tmp_path: Path) -> None:
+    err = assert_refused(
+        cli,
+        tmp_path,
+        PHI2,
+        source(tmp_path),
+        "--set",
+        "n_layer=1",
+        expect=["the plan produces 14 tensor(s) PhiForCausalLM does not have: model.layers.1."],
+    )
+    assert "model.layers.1.self_attn.q_proj.weight" in err
+
+
+def test_target_wrong_shape(cli, tmp_path: Path) -> None:
+    assert_refused(
+        cli,
+        tmp_path,
+        PHI2,
+        source(tmp_path),
+        "--set",
+        "n_inner=100",
+        expect=[
+            "6 tensor(s) have the wrong shape for PhiForCausalLM: model.layers.0.mlp.fc1.weight [256, 64] "
+            "(expected [100, 64])"
+        ],
+    )
+
+
+def test_unknown_target_config_field(cli, tmp_path: Path) -> None:
+    rules = rule_variant(tmp_path, "    hidden_act: activation_function", "    hiden_act: activation_function")
+    assert_refused(
+        cli,
+        tmp_path,
+        rules,
+        source(tmp_path),
+        expect=["target/config/hiden_act: PhiConfig has no field 'hiden_act'; did you mean 'hidden_act'?"],
+    )
+
+
+def test_already_converted_source_says_so(cli, tmp_path: Path) -> None:
+    converted = tmp_path / "converted"
+    assert cli("apply", PHI2, "--source", source(tmp_path), "--out", converted)[0] == 0
+    err = assert_refused(
+        cli,
+        tmp_path,
+        PHI2,
+        converted,
+        expect=[
+            "the source is already in transformers' PhiForCausalLM layout (33 of 33 source tensor names are its "
+            "parameter names): it needs no conversion"
+        ],
+    )
+    assert len(err.strip().splitlines()) == 1  # that one line, not dozens of dead rules and unknown keys
+
+
+def test_several_problems_reported_together(cli, tmp_path: Path) -> None:
+    src = source(tmp_path, **{"transformer.stray": torch.zeros(1), "lm_head.linear.bias": None})
+    assert_refused(cli, tmp_path, PHI2, src, expect=["consumed by no step", "does not produce: lm_head.bias"])
+
+
+def test_existing_folder_needs_force(cli, tmp_path: Path) -> None:
+    src = source(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", out)
+    assert code == 1 and "folder exists and is not empty (use --force to replace it)" in err
+    assert (out / "keep.txt").read_text() == "old"
+    assert cli("apply", PHI2, "--source", src, "--out", out, "--force")[0] == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["apply", PHI2],
+        ["plan"],
+        ["apply", PHI2, "--out", "x", "--set", "1=2"],
+        ["apply", PHI2, "--out", "x", "--device", "gpu"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(cli, args: list[object]) -> None:
+    code, _, err = cli(*args)
+    assert code == 2 and "usage: phi-rules" in err
+
+
+def test_help_teaches(cli) -> None:
+    code, out, _ = cli("--help")
+    assert code == 0 and "examples:" in out and "phi-rules apply rules/phi-2.yaml --out phi-2" in out
+    code, out, _ = cli("apply", "--help")
+    assert code == 0 and "--max-shard-size" in out and "nothing is left at --out" in " ".join(out.split())
