@@ -111,7 +111,7 @@ def test_renames_and_dim0_splits_are_copied_byte_for_byte(big_source: Path, tmp_
     for f in big_source.glob("*.safetensors"):
         src |= load_file(f)
     got = load_file(out / "model.safetensors")
-    q, k, v = src["transformer.h.3.mixer.Wqkv.weight"].split(BIG.n_embd)
+    _, k, _ = src["transformer.h.3.mixer.Wqkv.weight"].split(BIG.n_embd)
     assert torch.equal(got["model.layers.3.self_attn.k_proj.weight"], k)
     assert torch.equal(got["model.embed_tokens.weight"], src["transformer.embd.wte.weight"])
     assert os.path.getsize(out / "model.safetensors") < sum(f.stat().st_size for f in big_source.iterdir())
