@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -119,7 +120,8 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        found = re.search(r"WeightsUnpickler error: ([^\n]*)", re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
+        first = found.group(1).strip() if found else type(exc).__name__
         raise PhiRulesError(
             f"{path}: refused to load: the pickle asks for more than plain tensors, which could run "
             f"code (weights_only=True rejected it: {first})"

@@ -178,17 +178,19 @@ def _note(quiet: bool) -> Callable[[str], None]:
     return (lambda _m: None) if quiet else (lambda m: print(f"note: {m}", file=sys.stderr))
 
 
-def _quiet_transformers() -> None:
-    """transformers' own warnings (e.g. token ids of toy vocabularies) are not the user's problem here."""
+def _quiet_libraries() -> None:
+    """Library warnings (toy token ids, the hub client's retry chatter) would bury our one-line errors."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
 
 
 def _plan(args: argparse.Namespace) -> int:
     from phi_rules import pipeline
 
-    _quiet_transformers()
+    _quiet_libraries()
     from phi_rules.rules import load_rules
 
     result = pipeline.plan(load_rules(args.rules), _options(args), note=_note(args.json))
@@ -235,7 +237,7 @@ def _apply(args: argparse.Namespace) -> int:
     from phi_rules import pipeline
     from phi_rules.rules import load_rules
 
-    _quiet_transformers()
+    _quiet_libraries()
     if len(args.rules) > 1 and args.source is not None:
         raise SystemExit("phi-rules apply: error: --source takes one rule file, not several")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -184,7 +184,15 @@ def hub_errors(repo: str, revision: str, filename: str, opts: SourceOptions) -> 
             f"{where}: cannot reach {constants.ENDPOINT} to fetch {filename} and it is not in "
             f"the cache at {cache}: {cause}"
         ) from None
-    except (httpx2.TransportError, errors.HfHubHTTPError, OSError) as exc:
+    except OSError as exc:
+        if "Consistency check failed" not in str(exc):
+            raise PhiRulesError(
+                f"{where}: download of {filename} from {constants.ENDPOINT} failed: {_root_cause(exc)}"
+            ) from None
+        raise PhiRulesError(
+            f"{where}: {filename} arrived truncated from {constants.ENDPOINT}: {str(exc).splitlines()[0]}"
+        ) from None
+    except (httpx2.TransportError, errors.HfHubHTTPError) as exc:
         raise PhiRulesError(
             f"{where}: download of {filename} from {constants.ENDPOINT} failed: {_root_cause(exc)}"
         ) from None

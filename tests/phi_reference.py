@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -184,3 +185,31 @@ def converted_logits(folder: Path, ids: torch.Tensor) -> tuple[torch.Tensor, dic
     )
     with torch.no_grad():
         return model(ids[None]).logits[0], info
+
+
+IDS = torch.tensor([3, 17, 5, 42, 8, 61, 0, 77, 12, 9, 33, 50])
+
+
+def file_keys(folder: Path) -> list[str]:
+    """Every tensor name in the written files, counted by us (transformers ignores stray keys)."""
+    keys: list[str] = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            keys += list(fh.keys())
+    if (folder / "pytorch_model.bin").exists():
+        keys += list(torch.load(folder / "pytorch_model.bin", weights_only=True))
+    return keys
+
+
+def assert_same_function(out: Path, state: dict[str, torch.Tensor], cfg: MsftConfig) -> None:
+    from transformers import AutoModelForCausalLM
+
+    got, info = converted_logits(out, IDS)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    model_keys = set(AutoModelForCausalLM.from_pretrained(out).state_dict())
+    keys = file_keys(out)
+    assert len(keys) == len(set(keys)) and set(keys) == model_keys, set(keys) ^ model_keys
+    ref = reference_logits(state, cfg, IDS)
+    assert ref.std() > 0.1  # logits that vary, so that a wrong conversion cannot pass by accident
+    diff = (got - ref).abs().max().item()
+    assert diff <= 1e-5, diff

@@ -10,14 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
-from phi_reference import (
-    MsftConfig,
-    converted_logits,
-    random_state,
-    reference_logits,
-    to_mixformer,
-    write_checkpoint,
-)
+from phi_reference import MsftConfig, assert_same_function, random_state, to_mixformer, write_checkpoint
 from safetensors import safe_open
 
 import phi_rules
@@ -25,32 +18,6 @@ import phi_rules
 PHI2 = ROOT / "rules" / "phi-2.yaml"
 HEAD64 = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=2, rotary_dim=32)  # head_dim 64
 HEAD80 = MsftConfig(vocab_size=80, n_embd=160, n_layer=2, n_head=2, rotary_dim=32, n_inner=200)  # head_dim 80
-IDS = torch.tensor([3, 17, 5, 42, 8, 61, 0, 77, 12, 9, 33, 50])
-
-
-def file_keys(folder: Path) -> list[str]:
-    """Every tensor name in the written files, counted by us (transformers ignores stray keys)."""
-    keys: list[str] = []
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as fh:
-            keys += list(fh.keys())
-    if (folder / "pytorch_model.bin").exists():
-        keys += list(torch.load(folder / "pytorch_model.bin", weights_only=True))
-    return keys
-
-
-def assert_same_function(out: Path, state: dict[str, torch.Tensor], cfg: MsftConfig) -> None:
-    from transformers import AutoModelForCausalLM
-
-    got, info = converted_logits(out, IDS)
-    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
-    model_keys = set(AutoModelForCausalLM.from_pretrained(out).state_dict())
-    keys = file_keys(out)
-    assert len(keys) == len(set(keys)) and set(keys) == model_keys, set(keys) ^ model_keys
-    ref = reference_logits(state, cfg, IDS)
-    assert ref.std() > 0.1  # logits that vary, so that a wrong conversion cannot pass by accident
-    diff = (got - ref).abs().max().item()
-    assert diff <= 1e-5, diff
 
 
 CASES = [
