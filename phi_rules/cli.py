@@ -118,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors shard (default 5GB)")
     a.add_argument("--format", choices=["safetensors", "bin"], help="output format (default: the rule's)")
     a.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    a.add_argument(
+        "--fsync",
+        action="store_true",
+        help="flush the output to disk before publishing it, so it survives a power loss (slower)",
+    )
     a.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     return p
 
@@ -170,6 +175,7 @@ def _options(args: argparse.Namespace):  # -> pipeline.Options, imported lazily 
             "max_shard_bytes": parse_size(args.max_shard_size),
             "format": args.format,
             "force": args.force,
+            "fsync": args.fsync,
         }
     return Options(source=src, overrides=dict(args.set), dtype=args.dtype, **extra)
 

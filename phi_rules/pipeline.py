@@ -44,6 +44,7 @@ class Options:
     max_shard_bytes: int = 5 * 10**9
     format: str | None = None
     force: bool = False
+    fsync: bool = False
 
 
 def _checked(plan: Plan, dtype: str | None) -> object:
@@ -126,6 +127,16 @@ def _commit(tmp: Path, out: Path) -> None:
     os.rename(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _flush_to_disk(folder: Path) -> None:
+    """fsync every file and the folder, so the rename publishes data that survives a power loss."""
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _metadata(rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str]) -> dict[str, str]:
@@ -212,6 +223,8 @@ def convert(
             _write_configs(tmp, result, config)
             for extra in resolved.extras:
                 shutil.copyfile(extra, tmp / extra.name)
+            if options.fsync:
+                _flush_to_disk(tmp)
             _commit(tmp, out)
     except BaseException:
         hasher.cancel()

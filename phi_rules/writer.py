@@ -140,7 +140,6 @@ class SafetensorsWriter:
             if len(header) != self.header_len[i]:
                 raise AssertionError("metadata changed length between planning and writing")
             _pwrite_all(self.fds[i], memoryview(len(header).to_bytes(8, "little") + header), 0)
-            os.fsync(self.fds[i])
             os.close(self.fds[i])
         self.fds = []
         written = list(self.names)

@@ -53,7 +53,9 @@ def test_dtype_cast_and_small_shards(cli, tmp_path: Path) -> None:
     state = random_state(HEAD64, torch.float16, seed=3)
     src = write_checkpoint(tmp_path / "src", state, HEAD64)
     out = tmp_path / "out"
-    code, _, err = cli("apply", PHI2, "--source", src, "--out", out, "--dtype", "float32", "--max-shard-size", "60KB")
+    code, _, err = cli(
+        "apply", PHI2, "--source", src, "--out", out, "--dtype", "float32", "--max-shard-size", "60KB", "--fsync"
+    )
     assert code == 0, err
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
@@ -164,3 +166,45 @@ def test_cuda_unavailable_is_a_clear_error(cli, tmp_path: Path) -> None:
         pytest.skip("CUDA is available here")
     code, _, err = cli("apply", PHI2, "--out", tmp_path / "o", "--device", "cuda:0")
     assert code == 1 and err.strip() == "error: --device cuda:0: CUDA is not available on this machine"
+
+
+CONCAT_RULE = r"""version: 1
+name: fuse-qkv
+source:
+  path: src
+  config_defaults: {}
+target:
+  architecture: PhiForCausalLM
+  check: false
+  config: {hidden_size: 8, num_attention_heads: 2}
+steps:
+  - name: fuse
+    transform:
+      match: ['blk\.(?P<i>\d+)\.q', 'blk\.(?P<i>\d+)\.k', 'blk\.(?P<i>\d+)\.v']
+      ops: [{concat: {dim: 0}}]
+      to: 'blk.{i * 10}.qkv'
+  - name: fuse-transposed
+    transform:
+      match: ['t\.(?P<i>\d+)\.a', 't\.(?P<i>\d+)\.b']
+      ops: [{transpose: [0, 1]}, {concat: {dim: 1}}, {permute: [1, 0]}, {cast: bfloat16}]
+      to: 't.\g<i>.ab'
+"""
+
+
+def test_concat_joins_patterns_on_named_groups(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    state = {f"blk.{i}.{p}": torch.randn(3 + i, 8, generator=g) for i in range(2) for p in "qkv"}
+    state |= {f"t.{i}.{p}": torch.randn(4, 5, generator=g) for i in range(2) for p in "ab"}
+    (tmp_path / "src").mkdir()
+    save_file(state, tmp_path / "src" / "model.safetensors")
+    rule = tmp_path / "fuse.yaml"
+    rule.write_text(CONCAT_RULE)
+    phi_rules.convert(phi_rules.load_rules(rule), tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == {"blk.0.qkv", "blk.10.qkv", "t.0.ab", "t.1.ab"}
+    for i in range(2):
+        assert torch.equal(got[f"blk.{i * 10}.qkv"], torch.cat([state[f"blk.{i}.{p}"] for p in "qkv"]))
+        want = torch.cat([state[f"t.{i}.a"], state[f"t.{i}.b"]], dim=0).to(torch.bfloat16)
+        assert torch.equal(got[f"t.{i}.ab"], want)

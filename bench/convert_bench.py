@@ -1,0 +1,208 @@
+"""Benchmark: wall time and peak RSS of `phi-rules apply` against a seed-style in-memory conversion
+and a plain `cp` of the same bytes, on a generated phi-msft checkpoint. Prints figures; asserts nothing.
+
+    python bench/convert_bench.py                 # phi-2 shape: 5.6 GB fp16 in two shards
+    python bench/convert_bench.py --preset small  # a quick run
+
+Checkpoints are generated once under bench/data/ (git-ignored) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    layers: int
+
+
+PRESETS = {"phi-2": Shape(51200, 2560, 32), "small": Shape(51200, 1024, 8), "tiny": Shape(1024, 256, 2)}
+
+
+def tensors(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a phi-msft checkpoint, in phi-2's order."""
+    e, i = shape.hidden, 4 * shape.hidden
+    out: list[tuple[str, tuple[int, ...]]] = [("transformer.embd.wte.weight", (shape.vocab, e))]
+    for n in range(shape.layers):
+        p = f"transformer.h.{n}."
+        out += [
+            (p + "ln.weight", (e,)),
+            (p + "ln.bias", (e,)),
+            (p + "mixer.Wqkv.weight", (3 * e, e)),
+            (p + "mixer.Wqkv.bias", (3 * e,)),
+            (p + "mixer.out_proj.weight", (e, e)),
+            (p + "mixer.out_proj.bias", (e,)),
+            (p + "mlp.fc1.weight", (i, e)),
+            (p + "mlp.fc1.bias", (i,)),
+            (p + "mlp.fc2.weight", (e, i)),
+            (p + "mlp.fc2.bias", (e,)),
+        ]
+    out += [
+        ("lm_head.ln.weight", (e,)),
+        ("lm_head.ln.bias", (e,)),
+        ("lm_head.linear.weight", (shape.vocab, e)),
+        ("lm_head.linear.bias", (shape.vocab,)),
+    ]
+    return out
+
+
+def generate(shape: Shape, folder: Path) -> None:
+    """Write two fp16 safetensors shards tensor by tensor (bounded memory), plus config.json."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    items = tensors(shape)
+    half = len(items) // 2
+    for k, part in enumerate((items[:half], items[half:])):
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dims in part:
+            size = math.prod(dims) * 2
+            header[name] = {"dtype": "F16", "shape": list(dims), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with (folder / f"model-{k + 1:05d}-of-00002.safetensors").open("wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            for _, dims in part:
+                fh.write((torch.randn(math.prod(dims)) * 0.02).half().numpy().tobytes())
+    config = {
+        "model_type": "phi-msft",
+        "vocab_size": shape.vocab,
+        "n_embd": shape.hidden,
+        "n_layer": shape.layers,
+        "n_head": 32,
+        "n_inner": None,
+        "rotary_dim": 32,
+        "n_positions": 2048,
+        "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new",
+        "tie_word_embeddings": False,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+SEED_STYLE = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+src, out = sys.argv[1], sys.argv[2]
+state = {}
+for f in sys.argv[3:]:
+    state.update(load_file(f"{src}/{f}"))
+converted = {}
+for key in sorted(state):
+    t = state.pop(key)
+    if "Wqkv" in key:
+        layer, kind = key.split(".")[2], key.rsplit(".", 1)[1]
+        for part, name in zip(t.chunk(3), ("q_proj", "k_proj", "v_proj")):
+            converted[f"model.layers.{layer}.self_attn.{name}.{kind}"] = part.contiguous()
+        continue
+    new = key.replace("transformer.embd.wte", "model.embed_tokens").replace("lm_head.linear", "lm_head")
+    new = new.replace("lm_head.ln", "model.final_layernorm").replace("transformer.h.", "model.layers.")
+    new = new.replace(".ln.", ".input_layernorm.").replace("mixer.out_proj", "self_attn.dense")
+    converted[new] = t
+save_file(converted, f"{out}/model.safetensors", metadata={"format": "pt"})
+"""
+
+
+PLAN_IN_PROCESS = """
+import sys, time
+from pathlib import Path
+import phi_rules
+rules = phi_rules.load_rules("rules/phi-2.yaml")
+options = phi_rules.Options(source=phi_rules.SourceOptions(source=Path(sys.argv[1])))
+phi_rules.plan(rules, options)  # first call imports transformers' Phi modules
+start = time.perf_counter()
+plan = phi_rules.plan(rules, options)
+print(f"    (plan of {len(plan.tensors)} tensors, {plan.total_bytes / 1e9:.2f} GB: "
+      f"{time.perf_counter() - start:.3f} s in process)", file=sys.stderr)
+"""
+
+
+def measure(cmd: list[str], label: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process, via wait4's rusage for that child alone.
+
+    Dirty pages left by earlier runs are flushed first, so no run pays for another's writeback.
+    """
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{label} failed: {' '.join(cmd)}")
+    rss = usage.ru_maxrss / 1024
+    print(f"  {label:<34} {wall:7.2f} s   {rss:8.0f} MB peak RSS", flush=True)
+    return wall, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="phi-2")
+    parser.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    src = args.data / args.preset
+    if args.generate_only:
+        generate(PRESETS[args.preset], src)
+        return
+    if not (src / "config.json").exists():
+        print(f"generating {args.preset} checkpoint in {src} …", flush=True)
+        # In a child: this process must stay small, since a child's peak RSS starts from its parent's at fork.
+        subprocess.run(
+            [sys.executable, __file__, "--preset", args.preset, "--data", str(args.data), "--generate-only"], check=True
+        )
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    size = sum((src / s).stat().st_size for s in shards)
+    print(f"{args.preset}: {size / 1e9:.2f} GB in {len(shards)} shards, {os.cpu_count()} cores", flush=True)
+    out = args.data / "out"
+    py = sys.executable
+    cli = [py, "-m", "phi_rules"]
+
+    def fresh() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+
+    fresh()
+    measure(["cat", *(str(src / s) for s in shards)], "warm the page cache (cat)")
+    imp_wall, _ = measure([py, "-c", "import torch, transformers.models.phi"], "import torch + transformers")
+    plan_wall, _ = measure([*cli, "plan", "rules/phi-2.yaml", "--source", str(src), "--json"], "phi-rules plan")
+    in_process = [py, "-c", PLAN_IN_PROCESS, str(src)]
+    measure(in_process, "phi_rules.plan() after imports")
+    cp_walls, apply_walls = [], []
+    for _ in range(2):  # alternate, so that neither always runs on a warmer machine
+        fresh()
+        cp_walls.append(measure(["cp", *(str(src / s) for s in shards), str(out)], "cp of the same bytes")[0])
+        shutil.rmtree(out)
+        wall, apply_rss = measure(
+            [*cli, "apply", "rules/phi-2.yaml", "--source", str(src), "--out", str(out), "--quiet"], "phi-rules apply"
+        )
+        apply_walls.append(wall)
+    cp_wall, apply_wall = min(cp_walls), min(apply_walls)
+    fresh()
+    seed_wall, seed_rss = measure([py, "-c", SEED_STYLE, str(src), str(out), *shards], "seed-style in-memory")
+    shutil.rmtree(out)
+    print(f"best of two: cp {cp_wall:.2f} s, apply {apply_wall:.2f} s")
+    print(
+        f"apply / cp wall: {apply_wall / cp_wall:.2f}x   apply / seed-style wall: {apply_wall / seed_wall:.2f}x   "
+        f"seed-style / apply peak RSS: {seed_rss / apply_rss:.1f}x   plan: {plan_wall:.2f} s "
+        f"(of which ~{imp_wall:.2f} s importing torch + transformers)"
+    )
+
+
+if __name__ == "__main__":
+    main()
