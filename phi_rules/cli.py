@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from phi_rules.errors import Diagnostic, PhiRulesError
 
@@ -225,14 +226,29 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_factory(quiet: bool):
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _progress_factory(quiet: bool) -> Callable[[Any], Callable[[int], None]]:
+    """A byte-counting progress bar per rule, on a terminal only."""
     if quiet or not sys.stderr.isatty():
         return lambda _plan: lambda _n: None
     from tqdm import tqdm
 
-    def factory(plan):
+    def factory(plan: Any) -> Callable[[int], None]:
         bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc=plan.rules.name, file=sys.stderr)
-        return lambda n: (bar.update(n), bar.refresh() if bar.n >= bar.total else None)
+
+        def update(n: int) -> None:
+            bar.update(n)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return update
 
     return factory
 
@@ -244,8 +260,6 @@ def _apply(args: argparse.Namespace) -> int:
     from phi_rules.rules import load_rules
 
     _quiet_libraries()
-    if len(args.rules) > 1 and args.source is not None:
-        raise SystemExit("phi-rules apply: error: --source takes one rule file, not several")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise PhiRulesError(f"--device {args.device}: CUDA is not available on this machine")
     if args.quiet:
@@ -259,14 +273,17 @@ def _apply(args: argparse.Namespace) -> int:
         result = pipeline.convert(rules, out, options, note=_note(args.quiet), progress=_progress_factory(args.quiet))
         if not args.quiet:
             print(
-                f"{out}: {rules.target.architecture}, {len(result.tensors)} tensors, {result.total_bytes / 1e9:.3f} GB",
+                f"{out}: {rules.target.architecture}, {len(result.tensors)} tensors, {_human(result.total_bytes)}",
                 file=sys.stderr,
             )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "apply" and len(args.rules) > 1 and args.source is not None:
+        parser.error("--source takes one rule file, not several")
     try:
         if args.command == "validate":
             return _validate(args)

@@ -293,7 +293,7 @@ def _file_specs(items: list[object]) -> tuple[FileSpec, ...]:
     return tuple(FileSpec(i) if isinstance(i, str) else FileSpec(i["name"], i.get("sha256")) for i in items)  # type: ignore[index]
 
 
-def _build_source(c: _Checker, data: dict[str, object], base: Path) -> Source:
+def _build_source(data: dict[str, object], base: Path) -> Source:
     raw = data["source"]
     assert isinstance(raw, dict)
     path = raw.get("path")
@@ -429,7 +429,7 @@ def _check(display: str, path: Path, text: str) -> tuple[list[Diagnostic], Rules
     data = located.data
     if not isinstance(data, dict):
         return c.diagnostics, None
-    source = _build_source(c, data, path.parent) if c.ok(("source",)) and "source" in data else None
+    source = _build_source(data, path.parent) if c.ok(("source",)) and "source" in data else None
     # Names are taken from the raw data so that a schema error in `source` does not make every
     # expression report unknown names as well.
     raw_source = data.get("source")

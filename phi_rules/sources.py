@@ -59,10 +59,20 @@ class ResolvedSource:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(16 * 1024 * 1024):
-            h.update(chunk)
+    buf = bytearray(16 * 1024 * 1024)  # one buffer, reused: no fresh allocation per chunk
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def checked_sha256(path: Path, expected: str) -> str:
+    """The file's sha256, which must be the one the rule pins."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise PhiRulesError(f"{path}: sha256 mismatch: the rule pins {expected}, the file has {actual}")
+    return actual
 
 
 class Hasher:
@@ -76,10 +86,11 @@ class Hasher:
             if expected is None:
                 self._jobs[path] = self._pool.submit(sha256_file, path)
                 continue
-            actual = sha256_file(path)
-            if actual != expected:
+            try:
+                actual = checked_sha256(path, expected)
+            except PhiRulesError:
                 self._pool.shutdown(cancel_futures=True)
-                raise PhiRulesError(f"{path}: sha256 mismatch: the rule pins {expected}, the file has {actual}")
+                raise
             done: Future[str] = Future()
             done.set_result(actual)
             self._jobs[path] = done
@@ -97,8 +108,8 @@ class Hasher:
 def verify_pins(resolved: ResolvedSource) -> None:
     """Check every pinned file not checked by a :class:`Hasher` (config and extra files)."""
     for path, expected in resolved.pins.items():
-        if path not in resolved.weights and (actual := sha256_file(path)) != expected:
-            raise PhiRulesError(f"{path}: sha256 mismatch: the rule pins {expected}, the file has {actual}")
+        if path not in resolved.weights:
+            checked_sha256(path, expected)
 
 
 # --- local folders ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
+PHI_RULES = [sys.executable, "-m", "phi_rules"]  # the CLI in a process of its own
+
+
+def run_phi_rules(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``phi-rules ARGS`` as a child process, for what must not share this process (signals, hub settings)."""
+    return subprocess.run([*PHI_RULES, *map(str, args)], capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
 
 
 @pytest.fixture

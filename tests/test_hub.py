@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_phi_rules
 from hub_server import Hub
 from make_tiny_example import TINY, build
 from phi_reference import assert_same_function, random_state, write_checkpoint
@@ -37,23 +36,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes
     phi2 = {f.name: f.read_bytes() for f in (root / "phi-2").iterdir() if f.name != "model.safetensors.index.json"}
     phi2["tokenizer.json"] = b'{"version": "1.0", "model": {"type": "BPE"}}'
     converted = root / "converted"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "phi_rules",
-            "apply",
-            str(PHI2),
-            "--source",
-            str(root / "phi-2"),
-            "--out",
-            str(converted),
-            "--quiet",
-            "--max-shard-size",
-            "300KB",
-        ],
-        capture_output=True,
-        text=True,
+    run = run_phi_rules(
+        "apply", PHI2, "--source", root / "phi-2", "--out", converted, "--quiet", "--max-shard-size", "300KB"
     )
     assert run.returncode == 0, run.stderr
     main = {f.name: f.read_bytes() for f in converted.iterdir()}
@@ -88,14 +72,7 @@ def phi_rules_cli(hub: Hub | str, hf_home: Path, *args: object, **env: str) -> s
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }
-    return subprocess.run(
-        [sys.executable, "-m", "phi_rules", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=base | env,
-        timeout=180,
-        cwd=ROOT,
-    )
+    return run_phi_rules(*args, env=base | env)
 
 
 def weight_gets(hub: Hub) -> list:
@@ -271,23 +248,7 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
     src.mkdir()
     torch.save({"transformer.embd.wte.weight": torch.zeros(2), "x": Evil()}, src / "pytorch_model.bin")
     marker.unlink(missing_ok=True)  # torch.save itself does not run it, but be sure
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "phi_rules",
-            "apply",
-            str(PHI2),
-            "--source",
-            str(src),
-            "--out",
-            str(tmp_path / "o"),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    run = run_phi_rules("apply", PHI2, "--source", src, "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(
         run,
         tmp_path / "o",

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import PHI_RULES, ROOT
 from phi_reference import MsftConfig, random_state, write_checkpoint
 
 import phi_rules
@@ -28,21 +27,7 @@ def big_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _start_and_wait_for_partial_data(src: Path, out: Path) -> subprocess.Popen[bytes]:
     """Start apply (casting, so every byte goes through torch) and return once it has written data."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "phi_rules",
-            "apply",
-            str(PHI2),
-            "--source",
-            str(src),
-            "--out",
-            str(out),
-            "--dtype",
-            "float32",
-            "--max-shard-size",
-            "50MB",
-        ],
+        [*PHI_RULES, "apply", PHI2, "--source", src, "--out", out, "--dtype", "float32", "--max-shard-size", "50MB"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,

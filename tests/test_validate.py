@@ -144,27 +144,18 @@ def test_random_yaml_documents(doc: object) -> None:
     _assert_only_diagnostics(yaml.safe_dump(doc))
 
 
-def _mutate(data: object, path: list[object], value: object, delete: bool) -> object:
-    if not path:
+def _mutate(data: object, path: list[int], value: object, delete: bool) -> object:
+    """Replace (or delete) the node that ``path`` leads to, indices wrapping around at each level."""
+    if not path or not isinstance(data, dict | list) or not data:
         return value
     head, *rest = path
-    if isinstance(data, dict) and data:
-        key = list(data)[int(head) % len(data)]  # type: ignore[call-overload]
-        copy = dict(data)
-        if delete and not rest:
-            del copy[key]
-        else:
-            copy[key] = _mutate(data[key], rest, value, delete)
-        return copy
-    if isinstance(data, list) and data:
-        i = int(head) % len(data)  # type: ignore[call-overload]
-        copy = list(data)
-        if delete and not rest:
-            del copy[i]
-        else:
-            copy[i] = _mutate(data[i], rest, value, delete)
-        return copy
-    return value
+    copy = dict(data) if isinstance(data, dict) else list(data)
+    key = list(copy)[head % len(copy)] if isinstance(copy, dict) else head % len(copy)
+    if delete and not rest:
+        del copy[key]
+    else:
+        copy[key] = _mutate(copy[key], rest, value, delete)
+    return copy
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -176,7 +167,7 @@ def _mutate(data: object, path: list[object], value: object, delete: bool) -> ob
 )
 def test_mutated_valid_rules(text: str, path: list[int], value: object, delete: bool) -> None:
     data = yaml.safe_load(text)
-    _assert_only_diagnostics(yaml.safe_dump(_mutate(data, list(path), value, delete)))
+    _assert_only_diagnostics(yaml.safe_dump(_mutate(data, path, value, delete)))
 
 
 @settings(max_examples=200, deadline=None)
