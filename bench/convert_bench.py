@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -139,6 +140,7 @@ def measure(cmd: list[str], label: str) -> tuple[float, float]:
     Dirty pages left by earlier runs are flushed first, so no run pays for another's writeback.
     """
     os.sync()
+    time.sleep(1)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -154,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="phi-2")
     parser.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating cp/apply rounds (median reported)")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     src = args.data / args.preset
@@ -184,7 +187,7 @@ def main() -> None:
     in_process = [py, "-c", PLAN_IN_PROCESS, str(src)]
     measure(in_process, "phi_rules.plan() after imports")
     cp_walls, apply_walls = [], []
-    for _ in range(2):  # alternate, so that neither always runs on a warmer machine
+    for _ in range(args.rounds):  # alternate, so that neither always runs on a warmer machine
         fresh()
         cp_walls.append(measure(["cp", *(str(src / s) for s in shards), str(out)], "cp of the same bytes")[0])
         shutil.rmtree(out)
@@ -192,11 +195,21 @@ def main() -> None:
             [*cli, "apply", "rules/phi-2.yaml", "--source", str(src), "--out", str(out), "--quiet"], "phi-rules apply"
         )
         apply_walls.append(wall)
-    cp_wall, apply_wall = min(cp_walls), min(apply_walls)
+    shutil.rmtree(out)
+    durable, _ = measure(
+        [*cli, "apply", "rules/phi-2.yaml", "--source", str(src), "--out", str(out), "--quiet", "--fsync"],
+        "phi-rules apply --fsync",
+    )
+    fresh()
+    cp_sync, _ = measure(["sh", "-c", f"cp {' '.join(str(src / s) for s in shards)} {out} && sync"], "cp && sync")
+    cp_wall, apply_wall = statistics.median(cp_walls), statistics.median(apply_walls)
     fresh()
     seed_wall, seed_rss = measure([py, "-c", SEED_STYLE, str(src), str(out), *shards], "seed-style in-memory")
     shutil.rmtree(out)
-    print(f"best of two: cp {cp_wall:.2f} s, apply {apply_wall:.2f} s")
+    print(
+        f"median of {args.rounds}: cp {cp_wall:.2f} s, apply {apply_wall:.2f} s; "
+        f"apply --fsync / (cp && sync): {durable / cp_sync:.2f}x"
+    )
     print(
         f"apply / cp wall: {apply_wall / cp_wall:.2f}x   apply / seed-style wall: {apply_wall / seed_wall:.2f}x   "
         f"seed-style / apply peak RSS: {seed_rss / apply_rss:.1f}x   plan: {plan_wall:.2f} s "

@@ -36,6 +36,31 @@ def _set_value(text: str) -> tuple[str, object]:
         return key, raw
 
 
+def _parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a plain byte count, as transformers' ``max_shard_size`` reads them."""
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[t[len(num) :]]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: must be positive")
+    return int(value)
+
+
 def _device(text: str) -> str:
     if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
@@ -116,7 +141,13 @@ def _parser() -> argparse.ArgumentParser:
         default="cpu",
         help="where tensors that change are computed: cpu, cuda or cuda:N (default: cpu)",
     )
-    a.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest safetensors shard (default 5GB)")
+    a.add_argument(
+        "--max-shard-size",
+        type=_parse_size,
+        default="5GB",
+        metavar="SIZE",
+        help="largest safetensors shard (default 5GB)",
+    )
     a.add_argument("--format", choices=["safetensors", "bin"], help="output format (default: the rule's)")
     a.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     a.add_argument(
@@ -166,14 +197,13 @@ def _list() -> int:
 def _options(args: argparse.Namespace):  # -> pipeline.Options, imported lazily (torch)
     from phi_rules.pipeline import Options
     from phi_rules.sources import SourceOptions
-    from phi_rules.writer import parse_size
 
     src = SourceOptions(args.source, args.revision, args.cache_dir, args.offline, args.token)
     extra = {}
     if args.command == "apply":
         extra = {
             "device": args.device,
-            "max_shard_bytes": parse_size(args.max_shard_size),
+            "max_shard_bytes": args.max_shard_size,
             "format": args.format,
             "force": args.force,
             "fsync": args.fsync,
@@ -186,12 +216,12 @@ def _note(quiet: bool) -> Callable[[str], None]:
 
 
 def _quiet_libraries() -> None:
-    """Library warnings (toy token ids, the hub client's retry chatter) would bury our one-line errors."""
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers.utils import logging
+    """Library warnings (toy token ids, the hub client's retry chatter) would bury our one-line errors.
 
-    logging.set_verbosity_error()
-    hub_logging.set_verbosity_error()
+    Set through the environment, which both libraries read when they are imported (later, lazily).
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -254,18 +284,12 @@ def _progress_factory(quiet: bool) -> Callable[[Any], Callable[[int], None]]:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    import torch
-
     from phi_rules import pipeline
     from phi_rules.rules import load_rules
 
     _quiet_libraries()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise PhiRulesError(f"--device {args.device}: CUDA is not available on this machine")
     if args.quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     all_rules = [load_rules(r) for r in args.rules]  # every file is checked before any work starts
     options = _options(args)
     for rules in all_rules:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phi_rules.checkpoint import TensorInfo, parse_safetensors_header
 from phi_rules.errors import PhiRulesError
 from phi_rules.rules import FileSpec, Rules
+from phi_rules.safetensors_header import TensorInfo, parse_safetensors_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

@@ -16,37 +16,12 @@ from pathlib import Path
 
 import torch
 
-from phi_rules.checkpoint import ST_CODES
 from phi_rules.errors import PhiRulesError
 from phi_rules.execute import Segment
-from phi_rules.plan import PlannedTensor
+from phi_rules.planner import PlannedTensor
+from phi_rules.safetensors_header import ST_CODES
 
 CHUNK = 64 * 1024 * 1024
-
-
-def parse_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``2GiB`` or a plain byte count, as transformers' ``max_shard_size`` reads them."""
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    t = text.strip().upper()
-    num = t.rstrip("KMGTIB")
-    try:
-        value = float(num) * units[t[len(num) :]]
-    except (ValueError, KeyError):
-        raise PhiRulesError(f"bad size {text!r}: use e.g. 5GB, 500MB or 2GiB") from None
-    if value < 1:
-        raise PhiRulesError(f"bad size {text!r}: must be positive")
-    return int(value)
 
 
 def shard(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:

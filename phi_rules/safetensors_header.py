@@ -1,0 +1,110 @@
+"""The safetensors format on metadata alone, without torch: dtypes, headers, tensor byte spans.
+
+Kept free of heavy imports so that sources can be resolved (and hashed) while torch loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi_rules.errors import PhiRulesError
+
+# safetensors dtype code -> torch dtype name, and the reverse for writing.
+ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+ST_CODES = {v: k for k, v in ST_DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+
+
+def itemsize(name: str) -> int:
+    try:
+        return ITEMSIZE[name]
+    except KeyError:
+        raise PhiRulesError(f"unsupported dtype {name!r}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class TensorInfo:
+    """One source tensor; ``span`` is its absolute byte range when the file is safetensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: str
+    span: tuple[int, int] | None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+def parse_safetensors_header(raw: bytes, file: str, size: int | None = None) -> dict[str, TensorInfo]:
+    """Tensor infos from a header's JSON bytes (without the 8-byte length), offsets made absolute."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PhiRulesError(f"{file}: not a safetensors file: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise PhiRulesError(f"{file}: not a safetensors file: header is not a JSON object")
+    base = 8 + len(raw)
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = ST_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise PhiRulesError(f"{file}: malformed safetensors entry for tensor {name!r}") from None
+        if end - begin != math.prod(shape) * itemsize(dtype) or begin < 0:
+            raise PhiRulesError(f"{file}: tensor {name!r}: data_offsets do not match shape {list(shape)} {dtype}")
+        if size is not None and base + end > size:
+            raise PhiRulesError(f"{file}: tensor {name!r} lies beyond the end of the file (truncated?)")
+        tensors[name] = TensorInfo(name, shape, dtype, file, (base + begin, base + end))
+    return tensors
+
+
+def read_safetensors(path: Path) -> dict[str, TensorInfo]:
+    """Tensor infos of a local safetensors file, reading only its header."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise PhiRulesError(f"{path}: not a safetensors file: too short")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER, size - 8):
+            raise PhiRulesError(f"{path}: not a safetensors file: header length {n} is impossible")
+        return parse_safetensors_header(fh.read(n), str(path), size)
