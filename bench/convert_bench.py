@@ -156,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="phi-2")
     parser.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating cp/apply rounds (median reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating cp/apply rounds (median reported)")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     src = args.data / args.preset

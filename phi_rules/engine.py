@@ -17,8 +17,9 @@ from phi_rules import target
 from phi_rules.checkpoint import Checkpoint
 from phi_rules.errors import PhiRulesError
 from phi_rules.execute import Executor, byte_segments
-from phi_rules.planner import Plan, make_plan
+from phi_rules.planner import FLOAT_DTYPES, Plan, make_plan
 from phi_rules.rules import Rules
+from phi_rules.safetensors_header import TensorInfo
 from phi_rules.sources import Hasher, ResolvedSource, remote_tensors, resolve
 from phi_rules.writer import SafetensorsWriter
 
@@ -47,9 +48,13 @@ def checked(plan: Plan, dtype: str | None) -> object:
     return config
 
 
-def _output_dtype(plan: Plan) -> str | None:
-    floats = {t.dtype for t in plan.tensors if t.dtype in ("float32", "float16", "bfloat16", "float64")}
-    return floats.pop() if len(floats) == 1 else None
+def _planned(
+    rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options
+) -> tuple[Plan, object]:
+    """The checked plan and the target config it was checked with (its dtype: the output's, if uniform)."""
+    result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype)
+    floats = {t.dtype for t in result.tensors if t.dtype in FLOAT_DTYPES}
+    return result, checked(result, floats.pop() if len(floats) == 1 else None)
 
 
 def plan(rules: Rules, options: Options, note: Callable[[str], None]) -> Plan:
@@ -65,9 +70,7 @@ def plan(rules: Rules, options: Options, note: Callable[[str], None]) -> Plan:
             tensors = dict(ckpt.tensors)
     for n in resolved.notes:
         note(n)
-    result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype)
-    checked(result, _output_dtype(result))
-    return result
+    return _planned(rules, tensors, resolved, options)[0]
 
 
 def _metadata(rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str]) -> dict[str, str]:
@@ -89,7 +92,7 @@ def _write_weights(
     resolved: ResolvedSource,
     hasher: Hasher,
     progress: Progress,
-) -> dict[str, str]:
+) -> None:
     device = torch.device(options.device)
     executor = Executor(ckpt, result.tensors, device)
     fmt = options.format or result.rules.target.format
@@ -99,7 +102,8 @@ def _write_weights(
             state[t.name] = executor.tensor(t)
             progress(t.nbytes)
         torch.save(state, folder / "pytorch_model.bin")
-        return hasher.result()
+        hasher.cancel()  # a .bin has no metadata to record them in
+        return
     placeholder = {p.name: "0" * 64 for p in resolved.weights}
     writer = SafetensorsWriter(
         folder, result.tensors, options.max_shard_bytes, _metadata(result.rules, resolved, placeholder)
@@ -112,11 +116,9 @@ def _write_weights(
             else:
                 writer.write_tensor(t, executor.tensor(t))
             progress(t.nbytes)
-        hashes = hasher.result()
-        writer.finish(_metadata(result.rules, resolved, hashes))
+        writer.finish(_metadata(result.rules, resolved, hasher.result()))
     finally:
         writer.close()
-    return hashes
 
 
 def _write_configs(folder: Path, result: Plan, config: object) -> None:
@@ -137,8 +139,7 @@ def write(
 ) -> Plan:
     """Plan, check and write everything into ``tmp``; raises before writing if any check fails."""
     with Checkpoint(resolved.weights) as ckpt:
-        result = make_plan(rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype)
-        config = checked(result, _output_dtype(result))
+        result, config = _planned(rules, ckpt.tensors, resolved, options)
         _write_weights(tmp, result, ckpt, options, resolved, hasher, progress(result))
         _write_configs(tmp, result, config)
     return result

@@ -102,7 +102,6 @@ class Plan:
     tensors: list[PlannedTensor]
     source_names: list[str]
     problems: list[Diagnostic] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -127,8 +126,6 @@ class Plan:
                 for t in self.tensors
             ],
             "total_bytes": self.total_bytes,
-            "notes": self.notes,
-            "problems": [str(p) for p in self.problems],
         }
 
 

@@ -123,6 +123,14 @@ def test_second_run_is_served_from_cache(hub: Hub, hf_home: Path, tmp_path: Path
     assert len(weight_gets(hub)) == first  # only HEADs the second time
 
 
+def test_cache_dir_option(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "elsewhere"
+    run = phi_rules_cli(hub, hf_home, "apply", PHI2, "--cache-dir", cache, "--out", tmp_path / "o", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert (cache / "models--microsoft--phi-2" / "snapshots" / COMMIT / WEIGHTS[0]).is_file()
+    assert not (hf_home / "hub" / "models--microsoft--phi-2").exists()
+
+
 def test_branch_revision_resolves_to_its_commit(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
     run = phi_rules_cli(hub, hf_home, "apply", PHI2, "--revision", "original", "--out", tmp_path / "o", "--quiet")
     assert run.returncode == 0, run.stderr
