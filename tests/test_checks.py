@@ -31,6 +31,12 @@ def source(tmp_path: Path, **changes: torch.Tensor | None) -> Path:
     return write_checkpoint(tmp_path / "src", state, CFG)
 
 
+@pytest.fixture
+def refused(cli, tmp_path: Path):
+    """``refused(rules, source, *args, expect=[...])``: plan and apply both fail with those lines."""
+    return lambda rules, src, *extra, expect: assert_refused(cli, tmp_path, rules, src, *extra, expect=expect)
+
+
 def assert_refused(cli, tmp_path: Path, rules: Path, src: Path, *extra: str, expect: list[str]) -> str:
     out = tmp_path / "out"
     for command in (["plan", rules, "--source", src, *extra], ["apply", rules, "--source", src, "--out", out, *extra]):
@@ -45,22 +51,18 @@ def assert_refused(cli, tmp_path: Path, rules: Path, src: Path, *extra: str, exp
     return err
 
 
-def test_unconsumed_source_key(cli, tmp_path: Path) -> None:
+def test_unconsumed_source_key(refused, tmp_path: Path) -> None:
     src = source(tmp_path, **{"transformer.h.0.mixer.extra.weight": torch.zeros(3)})
-    assert_refused(
-        cli,
-        tmp_path,
+    refused(
         PHI2,
         src,
         expect=["1 source tensor(s) consumed by no step (rename or drop them): transformer.h.0.mixer.extra.weight"],
     )
 
 
-def test_two_sources_one_output(cli, tmp_path: Path) -> None:
+def test_two_sources_one_output(refused, tmp_path: Path) -> None:
     rules = rule_variant(tmp_path, r"to: 'model.layers.\1.mlp.\2.\3'", r"to: 'model.layers.\1.mlp.fc1.\3'")
-    assert_refused(
-        cli,
-        tmp_path,
+    refused(
         rules,
         source(tmp_path),
         expect=[
@@ -70,11 +72,9 @@ def test_two_sources_one_output(cli, tmp_path: Path) -> None:
     )
 
 
-def test_dead_rule(cli, tmp_path: Path) -> None:
+def test_dead_rule(refused, tmp_path: Path) -> None:
     rules = rule_variant(tmp_path, "    optional: true\n    drop:", "    drop:")
-    err = assert_refused(
-        cli,
-        tmp_path,
+    err = refused(
         rules,
         source(tmp_path),
         expect=[
@@ -84,11 +84,9 @@ def test_dead_rule(cli, tmp_path: Path) -> None:
     assert err.startswith(f"{rules}:")  # located in the rule file
 
 
-def test_split_sizes_do_not_fit(cli, tmp_path: Path) -> None:
+def test_split_sizes_do_not_fit(refused, tmp_path: Path) -> None:
     rules = rule_variant(tmp_path, "              - hidden_size\n", "              - hidden_size + 1\n")
-    assert_refused(
-        cli,
-        tmp_path,
+    refused(
         rules,
         source(tmp_path),
         expect=[
@@ -98,11 +96,9 @@ def test_split_sizes_do_not_fit(cli, tmp_path: Path) -> None:
     )
 
 
-def test_view_does_not_divide(cli, tmp_path: Path) -> None:
+def test_view_does_not_divide(refused, tmp_path: Path) -> None:
     seed = ROOT / "rules" / "seed-compat" / "phi-2.yaml"
-    assert_refused(
-        cli,
-        tmp_path,
+    refused(
         seed,
         source(tmp_path),
         "--set",
@@ -114,21 +110,17 @@ def test_view_does_not_divide(cli, tmp_path: Path) -> None:
     )
 
 
-def test_target_missing_parameter(cli, tmp_path: Path) -> None:
+def test_target_missing_parameter(refused, tmp_path: Path) -> None:
     src = source(tmp_path, **{"lm_head.linear.bias": None})
-    assert_refused(
-        cli,
-        tmp_path,
+    refused(
         PHI2,
         src,
         expect=["PhiForCausalLM expects 1 parameter(s) the plan does not produce: lm_head.bias"],
     )
 
 
-def test_target_unexpected_parameters(cli, tmp_path: Path) -> None:
-    err = assert_refused(
-        cli,
-        tmp_path,
+def test_target_unexpected_parameters(refused, tmp_path: Path) -> None:
+    err = refused(
         PHI2,
         source(tmp_path),
         "--set",
@@ -138,10 +130,8 @@ def test_target_unexpected_parameters(cli, tmp_path: Path) -> None:
     assert "model.layers.1.self_attn.q_proj.weight" in err
 
 
-def test_target_wrong_shape(cli, tmp_path: Path) -> None:
-    assert_refused(
-        cli,
-        tmp_path,
+def test_target_wrong_shape(refused, tmp_path: Path) -> None:
+    refused(
         PHI2,
         source(tmp_path),
         "--set",
@@ -153,23 +143,19 @@ def test_target_wrong_shape(cli, tmp_path: Path) -> None:
     )
 
 
-def test_unknown_target_config_field(cli, tmp_path: Path) -> None:
+def test_unknown_target_config_field(refused, tmp_path: Path) -> None:
     rules = rule_variant(tmp_path, "    hidden_act: activation_function", "    hiden_act: activation_function")
-    assert_refused(
-        cli,
-        tmp_path,
+    refused(
         rules,
         source(tmp_path),
         expect=["target/config/hiden_act: PhiConfig has no field 'hiden_act'; did you mean 'hidden_act'?"],
     )
 
 
-def test_already_converted_source_says_so(cli, tmp_path: Path) -> None:
+def test_already_converted_source_says_so(refused, cli, tmp_path: Path) -> None:
     converted = tmp_path / "converted"
     assert cli("apply", PHI2, "--source", source(tmp_path), "--out", converted)[0] == 0
-    err = assert_refused(
-        cli,
-        tmp_path,
+    err = refused(
         PHI2,
         converted,
         expect=[
@@ -180,9 +166,9 @@ def test_already_converted_source_says_so(cli, tmp_path: Path) -> None:
     assert len(err.strip().splitlines()) == 1  # that one line, not dozens of dead rules and unknown keys
 
 
-def test_several_problems_reported_together(cli, tmp_path: Path) -> None:
+def test_several_problems_reported_together(refused, tmp_path: Path) -> None:
     src = source(tmp_path, **{"transformer.stray": torch.zeros(1), "lm_head.linear.bias": None})
-    assert_refused(cli, tmp_path, PHI2, src, expect=["consumed by no step", "does not produce: lm_head.bias"])
+    refused(PHI2, src, expect=["consumed by no step", "does not produce: lm_head.bias"])
 
 
 def test_existing_folder_needs_force(cli, tmp_path: Path) -> None:

@@ -100,3 +100,31 @@ def test_renames_and_dim0_splits_are_copied_byte_for_byte(big_source: Path, tmp_
     assert torch.equal(got["model.layers.3.self_attn.k_proj.weight"], k)
     assert torch.equal(got["model.embed_tokens.weight"], src["transformer.embd.wte.weight"])
     assert os.path.getsize(out / "model.safetensors") < sum(f.stat().st_size for f in big_source.iterdir())
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, apply shows a byte progress bar per rule; piped, it stays silent but for the summary."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0
+    rule = ROOT / "rules" / "examples" / "tiny-phi-2.yaml"
+    proc = subprocess.Popen([*PHI_RULES, "apply", rule, "--out", tmp_path / "tty"], stderr=follower, cwd=ROOT)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    shown = b"".join(chunks).decode()
+    assert "tiny-phi-2: 100%" in shown and "464k/464k" in shown.replace("B", ""), shown
+    piped = subprocess.run([*PHI_RULES, "apply", rule, "--out", tmp_path / "pipe"], capture_output=True, text=True)
+    assert piped.returncode == 0 and "%" not in piped.stderr and "tensors" in piped.stderr
