@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from phi_rules.errors import PhiRulesError
 from phi_rules.expr import Value
 from phi_rules.rules import Rules
-from phi_rules.sources import Hasher, SourceOptions, resolve, verify_pins
+from phi_rules.sources import Hasher, SourceOptions, resolve
 
 if TYPE_CHECKING:
     from phi_rules.planner import Plan
@@ -126,8 +126,7 @@ def convert(
     resolved = resolve(rules, options.source)
     for n in resolved.notes:
         note(n)
-    verify_pins(resolved)
-    hasher = Hasher(resolved)  # hashes in the background from here on
+    hasher = Hasher(resolved)  # checks pins, then hashes in the background from here on
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -169,7 +169,8 @@ class _Planner:
         for step in self.rules.steps:
             if isinstance(step, Drop):
                 hits = [n for n in entries if step.pattern.fullmatch(n)]
-                entries = {n: e for n, e in entries.items() if n not in set(hits)}
+                dropped = set(hits)
+                entries = {n: e for n, e in entries.items() if n not in dropped}
             elif isinstance(step, Rename):
                 hits, entries = self.rename(step, entries)
             else:

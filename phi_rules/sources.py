@@ -76,9 +76,12 @@ def checked_sha256(path: Path, expected: str) -> str:
 
 
 class Hasher:
-    """sha256 of every source file: pinned ones checked now, the rest hashed in the background."""
+    """sha256 of the source files: every pinned file checked now, unpinned weights hashed in the background."""
 
     def __init__(self, resolved: ResolvedSource) -> None:
+        for path, expected in resolved.pins.items():
+            if path not in resolved.weights:  # config and extra files: checked, not recorded
+                checked_sha256(path, expected)
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._jobs: dict[Path, Future[str]] = {}
         for path in resolved.weights:
@@ -103,13 +106,6 @@ class Hasher:
 
     def cancel(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def verify_pins(resolved: ResolvedSource) -> None:
-    """Check every pinned file not checked by a :class:`Hasher` (config and extra files)."""
-    for path, expected in resolved.pins.items():
-        if path not in resolved.weights:
-            checked_sha256(path, expected)
 
 
 # --- local folders ---------------------------------------------------------------------------------
@@ -282,7 +278,7 @@ def remote_tensors(
     from huggingface_hub import HfApi
 
     resolved = resolve_hub(rules, opts, weights=False)
-    revision = _revision(rules, opts)
+    revision = str(resolved.revision)  # without weights downloaded, the revision as given
     api = HfApi(token=opts.token)
     tensors: dict[str, TensorInfo] = {}
     local: list[Path] = []

@@ -51,24 +51,19 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
     """The config object from keyword arguments only (setting attributes later can miss derived fields)."""
     cls = model_class(plan.rules.target.architecture).config_class
     w = plan.rules.where_target
-    unknown = sorted(set(plan.config) - _known_fields(cls))
+    known = _known_fields(cls)
+    unknown = sorted(set(plan.config) - known)
     if unknown:
+        hints = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
         raise PhiRulesError(
-            [
-                Diagnostic(
-                    f"{cls.__name__} has no field {k!r}"
-                    + (
-                        f"; did you mean {h[0]!r}?"
-                        if (h := difflib.get_close_matches(k, sorted(_known_fields(cls)), n=1))
-                        else ""
-                    ),
-                    w.file,
-                    w.line,
-                    w.column,
-                    f"target/config/{k}",
-                )
-                for k in unknown
-            ]
+            Diagnostic(
+                f"{cls.__name__} has no field {k!r}" + (f"; did you mean {hints[k][0]!r}?" if hints[k] else ""),
+                w.file,
+                w.line,
+                w.column,
+                f"target/config/{k}",
+            )
+            for k in unknown
         )
     kwargs = dict(plan.config)
     if dtype:
