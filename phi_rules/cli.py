@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--cache-dir", type=Path, metavar="DIR", help="hub cache (default: HF_HUB_CACHE)")
         g.add_argument("--offline", action="store_true", help="use only the hub cache (like HF_HUB_OFFLINE=1)")
         g.add_argument("--token", help="hub token for private or gated repos (default: HF_TOKEN / saved login)")
+        g.add_argument(
+            "--tokenizer",
+            metavar="PATH|OWNER/NAME@REV",
+            help="copy tokenizer files from this folder or hub repository instead of the source's "
+            "(the base model a fine-tune came from)",
+        )
         q.add_argument(
             "--set",
             action="append",
@@ -155,7 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="flush the output to disk before publishing it, so it survives a power loss (slower)",
     )
-    a.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    a.add_argument(
+        "--require-tokenizer",
+        action="store_true",
+        help="fail, writing nothing, when the output would have no tokenizer files (default: a warning)",
+    )
+    a.add_argument("--quiet", action="store_true", help="no progress bars or notes (warnings still show)")
     return p
 
 
@@ -198,7 +209,7 @@ def _options(args: argparse.Namespace):  # -> pipeline.Options, imported lazily 
     from phi_rules.pipeline import Options
     from phi_rules.sources import SourceOptions
 
-    src = SourceOptions(args.source, args.revision, args.cache_dir, args.offline, args.token)
+    src = SourceOptions(args.source, args.revision, args.cache_dir, args.offline, args.token, args.tokenizer)
     extra = {}
     if args.command == "apply":
         extra = {
@@ -207,12 +218,17 @@ def _options(args: argparse.Namespace):  # -> pipeline.Options, imported lazily 
             "format": args.format,
             "force": args.force,
             "fsync": args.fsync,
+            "require_tokenizer": args.require_tokenizer,
         }
     return Options(source=src, overrides=dict(args.set), dtype=args.dtype, **extra)
 
 
 def _note(quiet: bool) -> Callable[[str], None]:
     return (lambda _m: None) if quiet else (lambda m: print(f"note: {m}", file=sys.stderr))
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:
@@ -294,7 +310,9 @@ def _apply(args: argparse.Namespace) -> int:
     options = _options(args)
     for rules in all_rules:
         out = args.out if len(all_rules) == 1 else args.out / rules.name
-        result = pipeline.convert(rules, out, options, note=_note(args.quiet), progress=_progress_factory(args.quiet))
+        result = pipeline.convert(
+            rules, out, options, note=_note(args.quiet), warn=_warn, progress=_progress_factory(args.quiet)
+        )
         if not args.quiet:
             print(
                 f"{out}: {rules.target.architecture}, {len(result.tensors)} tensors, {_human(result.total_bytes)}",

@@ -124,8 +124,7 @@ def _write_weights(
 def _write_configs(folder: Path, result: Plan, config: object) -> None:
     from transformers import GenerationConfig
 
-    config.save_pretrained(folder)  # type: ignore[attr-defined]
-    target.check_saved_config(result, folder / "config.json")
+    target.write_config(result, config, folder)
     GenerationConfig.from_model_config(config).save_pretrained(folder)  # type: ignore[arg-type]
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from phi_rules.errors import PhiRulesError
 from phi_rules.expr import Value
 from phi_rules.rules import Rules
-from phi_rules.sources import Hasher, SourceOptions, resolve
+from phi_rules.sources import NO_TOKENIZER, Hasher, SourceOptions, resolve
 
 if TYPE_CHECKING:
     from phi_rules.planner import Plan
@@ -42,6 +42,7 @@ class Options:
     format: str | None = None
     force: bool = False
     fsync: bool = False
+    require_tokenizer: bool = False
 
 
 def plan(rules: Rules, options: Options | None = None, note: Callable[[str], None] = lambda _: None) -> Plan:
@@ -116,6 +117,7 @@ def convert(
     options: Options | None = None,
     *,
     note: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
     progress: Callable[[Plan], Progress] = lambda _: lambda _n: None,
 ) -> Plan:
     """Convert one rule's source into ``out``, a folder ``from_pretrained`` loads; returns the plan used."""
@@ -126,6 +128,9 @@ def convert(
     resolved = resolve(rules, options.source)
     for n in resolved.notes:
         note(n)
+    tokenizer = resolved.has_tokenizer()
+    if not tokenizer and (options.require_tokenizer or rules.target.require_tokenizer):
+        raise PhiRulesError(f"{out}: not written: {NO_TOKENIZER}")
     hasher = Hasher(resolved)  # checks pins, then hashes in the background from here on
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -143,4 +148,6 @@ def convert(
         hasher.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not tokenizer:
+        warn(f"{out}: {NO_TOKENIZER}")
     return result

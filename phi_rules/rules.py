@@ -71,6 +71,8 @@ class Target:
     dtype: str
     format: str
     config: Mapping[str, expr.Node]
+    mirror: tuple[str, ...] = ()
+    require_tokenizer: bool = False
 
 
 @dataclass(frozen=True)
@@ -317,7 +319,13 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         if node is not None:
             config[key] = node
     return Target(
-        raw["architecture"], raw.get("check", True), raw.get("dtype", "keep"), raw.get("format", "safetensors"), config
+        raw["architecture"],
+        raw.get("check", True),
+        raw.get("dtype", "keep"),
+        raw.get("format", "safetensors"),
+        config,
+        tuple(raw.get("mirror", ())),
+        raw.get("require_tokenizer", False),
     )
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,23 @@ from phi_rules.rules import FileSpec, Rules
 from phi_rules.safetensors_header import TensorInfo, parse_safetensors_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# What --tokenizer copies, and what counts as a usable tokenizer in an output folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+)
+NO_TOKENIZER = (
+    "the output has no tokenizer files (tokenizer.json, vocab.json + merges.txt or tokenizer.model): "
+    "pipeline('text-generation') builds an empty GPT-2 tokenizer and echoes the prompt, vLLM refuses every "
+    "prompt, TransformerLens tokenizes everything to [0] and llama.cpp's convert_hf_to_gguf.py stops; "
+    "pass --tokenizer PATH or --tokenizer owner/name@revision (the base model the weights came from)"
+)
+_HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
 
 @dataclass(frozen=True)
@@ -31,6 +49,7 @@ class SourceOptions:
     cache_dir: Path | None = None
     offline: bool = False
     token: str | None = None
+    tokenizer: str | None = None  # a folder or owner/name@revision to copy tokenizer files from
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,11 @@ class ResolvedSource:
     extras: tuple[Path, ...]
     pins: dict[Path, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+
+    def has_tokenizer(self) -> bool:
+        """Whether the extra files make a tokenizer that transformers (and so vLLM, llama.cpp) can load."""
+        names = {p.name for p in self.extras}
+        return bool({"tokenizer.json", "tokenizer.model"} & names) or {"vocab.json", "merges.txt"} <= names
 
     def config(self) -> dict[str, Any] | None:
         if self.config_path is None:
@@ -140,14 +164,24 @@ def resolve_local(rules: Rules, path: Path) -> ResolvedSource:
     if missing:
         raise PhiRulesError(f"{path}: weight file(s) listed but missing: {', '.join(missing)}")
     config = folder / rules.source.config_file
-    extras = tuple(folder / f.name for f in rules.source.extra_files if (folder / f.name).is_file())
+    extras, notes = _local_extras(folder, [f.name for f in rules.source.extra_files])
     pins = {
         folder / f.name: f.sha256
         for f in (*rules.source.files, *rules.source.extra_files)
         if f.sha256 and (folder / f.name).is_file()
     }
-    notes = () if config.is_file() else (f"{config} not found: using the rule's config_defaults",)
-    return ResolvedSource(str(path), None, tuple(weights), config if config.is_file() else None, extras, pins, notes)
+    if not config.is_file():
+        notes.append(f"{config} not found: using the rule's config_defaults")
+    return ResolvedSource(
+        str(path), None, tuple(weights), config if config.is_file() else None, tuple(extras), pins, tuple(notes)
+    )
+
+
+def _local_extras(folder: Path, names: Iterable[str]) -> tuple[list[Path], list[str]]:
+    """The named files that the folder has, and a note for each one it lacks."""
+    found = [folder / n for n in names if (folder / n).is_file()]
+    absent = [n for n in names if not (folder / n).is_file()]
+    return found, [f"not in {folder}, not copied: {', '.join(absent)}"] if absent else []
 
 
 # --- the hub ---------------------------------------------------------------------------------------
@@ -212,10 +246,9 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _download(rules: Rules, opts: SourceOptions, revision: str, spec: FileSpec, *, required: bool) -> Path | None:
+def _download(repo: str, opts: SourceOptions, revision: str, spec: FileSpec, *, required: bool) -> Path | None:
     from huggingface_hub import errors, hf_hub_download
 
-    repo = str(rules.source.repo)
     with hub_errors(repo, revision, spec.name, opts):
         try:
             return Path(
@@ -243,10 +276,12 @@ def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> R
     """Download (or find in the cache) the rule's files at the pinned revision."""
     revision = _revision(rules, opts)
     src = rules.source
-    paths = [_download(rules, opts, revision, f, required=True) for f in src.files] if weights else []
-    config = _download(rules, opts, revision, FileSpec(src.config_file), required=False)
-    extras = [(f, _download(rules, opts, revision, f, required=False)) for f in src.extra_files]
-    notes = [f"{f.name}: not in {src.repo}@{revision}, not copied" for f, p in extras if p is None]
+    repo = str(src.repo)
+    paths = [_download(repo, opts, revision, f, required=True) for f in src.files] if weights else []
+    config = _download(repo, opts, revision, FileSpec(src.config_file), required=False)
+    extras = [(f, _download(repo, opts, revision, f, required=False)) for f in src.extra_files]
+    absent = [f.name for f, p in extras if p is None]
+    notes = [f"not in {src.repo}@{revision}, not copied: {', '.join(absent)}"] if absent else []
     if config is None:
         notes.append(f"{src.config_file}: not in {src.repo}@{revision}: using the rule's config_defaults")
     commit = _commit_of(paths[0], src.files[0].name) if paths else revision
@@ -265,10 +300,35 @@ def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> R
 def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
     """The one way in: ``--source`` beats the rule's ``path``, which beats its hub ``repo``."""
     if opts.source is not None:
-        return resolve_local(rules, opts.source)
-    if rules.source.path is not None:
-        return resolve_local(rules, rules.source.path)
-    return resolve_hub(rules, opts)
+        resolved = resolve_local(rules, opts.source)
+    elif rules.source.path is not None:
+        resolved = resolve_local(rules, rules.source.path)
+    else:
+        resolved = resolve_hub(rules, opts)
+    if opts.tokenizer is None:
+        return resolved
+    files, notes = resolve_tokenizer(opts.tokenizer, opts)
+    kept = tuple(p for p in resolved.extras if p.name not in TOKENIZER_FILES)
+    return replace(resolved, extras=kept + files, notes=resolved.notes + notes)
+
+
+def resolve_tokenizer(spec: str, opts: SourceOptions) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    """Tokenizer files from a local folder, or from a hub repository (``owner/name@revision``)."""
+    folder = Path(spec)
+    if folder.is_dir():
+        found, _ = _local_extras(folder, TOKENIZER_FILES)
+        if not found:
+            raise PhiRulesError(f"--tokenizer {spec}: the folder has none of {', '.join(TOKENIZER_FILES)}")
+        return tuple(found), (f"tokenizer files from {folder}: {', '.join(p.name for p in found)}",)
+    m = _HUB_ID.fullmatch(spec)
+    if m is None or folder.exists():
+        raise PhiRulesError(f"--tokenizer {spec}: neither a folder nor a hub repository owner/name@revision")
+    repo, revision = m.group("repo"), m.group("revision") or "main"
+    got = [p for n in TOKENIZER_FILES if (p := _download(repo, opts, revision, FileSpec(n), required=False))]
+    if not got:
+        raise PhiRulesError(f"--tokenizer {spec}: {repo}@{revision} has none of {', '.join(TOKENIZER_FILES)}")
+    commit = _commit_of(got[0], got[0].name)
+    return tuple(got), (f"tokenizer files from {repo}@{commit}: {', '.join(p.name for p in got)}",)
 
 
 def remote_tensors(
@@ -285,7 +345,7 @@ def remote_tensors(
     for spec in rules.source.files:
         if not spec.name.endswith(".safetensors"):
             note(f"{spec.name}: a pickle has no header to read remotely: downloading it in full")
-            local.append(_download(rules, opts, revision, spec, required=True))  # type: ignore[arg-type]
+            local.append(_download(str(rules.source.repo), opts, revision, spec, required=True))  # type: ignore[arg-type]
             continue
         with hub_errors(str(rules.source.repo), revision, spec.name, opts):
             meta = api.parse_safetensors_file_metadata(str(rules.source.repo), spec.name, revision=revision)

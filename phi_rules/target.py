@@ -77,9 +77,35 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
         ) from None
 
 
-def check_saved_config(plan: Plan, path: Path) -> None:
-    """Read config.json back and require every requested value in it, where transformers will look."""
+def write_config(plan: Plan, config: Any, folder: Path) -> None:
+    """config.json as transformers writes it, plus the rule's ``mirror`` fields at the top level.
+
+    transformers 5 keeps rotary settings only inside ``rope_parameters``; transformers 4.x, llama.cpp
+    and MLX-LM read them at the top level and silently fall back to defaults without them.
+    """
+    config.save_pretrained(folder)
+    path = folder / "config.json"
     saved = json.loads(path.read_text())
+    w = plan.rules.where_target
+    missing = [k for k in plan.rules.target.mirror if saved_value(saved, k) is None]
+    if missing:
+        raise PhiRulesError(
+            Diagnostic(
+                f"cannot mirror {k!r}: the saved config.json has no such field",
+                w.file,
+                w.line,
+                w.column,
+                "target/mirror",
+            )
+            for k in missing
+        )
+    saved.update({k: saved_value(saved, k) for k in plan.rules.target.mirror})
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    check_saved_config(plan, saved)
+
+
+def check_saved_config(plan: Plan, saved: Mapping[str, Any]) -> None:
+    """Require every requested value in config.json where transformers looks, and mirrored copies to agree."""
     w = plan.rules.where_target
     wrong = [
         Diagnostic(
@@ -91,6 +117,18 @@ def check_saved_config(plan: Plan, path: Path) -> None:
         )
         for k, v in plan.config.items()
         if saved_value(saved, k) != v
+    ]
+    nested = saved.get("rope_parameters") or {}
+    wrong += [
+        Diagnostic(
+            f"config.json holds {saved[k]!r} at the top level but {nested[k]!r} in rope_parameters",
+            w.file,
+            w.line,
+            w.column,
+            "target/mirror",
+        )
+        for k in plan.rules.target.mirror
+        if k in nested and nested[k] != saved[k]
     ]
     if wrong:
         raise PhiRulesError(wrong)

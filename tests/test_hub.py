@@ -37,7 +37,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes
     phi2["tokenizer.json"] = b'{"version": "1.0", "model": {"type": "BPE"}}'
     converted = root / "converted"
     run = run_phi_rules(
-        "apply", PHI2, "--source", root / "phi-2", "--out", converted, "--quiet", "--max-shard-size", "300KB"
+        "apply", PHI2, "--source", root / "phi-2", "--out", converted, "--quiet", "--max-shard-size", "2500KB"
     )
     assert run.returncode == 0, run.stderr
     main = {f.name: f.read_bytes() for f in converted.iterdir()}
@@ -264,3 +264,24 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:
         "Unsupported global",
     )
     assert not marker.exists()
+
+
+def test_tokenizer_from_a_hub_repository(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "finetune"
+    build(src)  # weights and config only, as many fine-tunes are shared
+    out = tmp_path / "out"
+    run = phi_rules_cli(
+        hub, hf_home, "apply", PHI2, "--source", src, "--out", out, "--tokenizer", "microsoft/phi-2@original"
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"note: tokenizer files from microsoft/phi-2@{COMMIT}: tokenizer.json" in run.stderr
+    assert "warning" not in run.stderr
+    assert (out / "tokenizer.json").read_bytes() == hub.repos["microsoft/phi-2"].commits[COMMIT]["tokenizer.json"]
+    missing = phi_rules_cli(
+        hub, hf_home, "apply", PHI2, "--source", src, "--out", tmp_path / "o2", "--tokenizer", "microsoft/phi-1@main"
+    )
+    assert missing.returncode == 1 and not (tmp_path / "o2").exists()
+    assert missing.stderr.strip() == "error: --tokenizer microsoft/phi-1@main: microsoft/phi-1@main has none of " + (
+        "tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, added_tokens.json, special_tokens_map.json, "
+        "tokenizer.model"
+    )
