@@ -11,8 +11,8 @@ Every failure caused by input raises :class:`PhiRulesError`, whose ``diagnostics
 """
 
 from phi_rules.errors import Diagnostic, PhiRulesError
-from phi_rules.pipeline import Options, convert, plan
-from phi_rules.rules import Rules, load_rules
-from phi_rules.sources import SourceOptions
+from phi_rules.language.rules import Rules, load_rules
+from phi_rules.options import Options, SourceOptions
+from phi_rules.pipeline import convert, plan
 
 __all__ = ["Diagnostic", "Options", "PhiRulesError", "Rules", "SourceOptions", "convert", "load_rules", "plan"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.options import Options
 
 EPILOG = """\
 examples:
@@ -176,7 +177,7 @@ def _print_diagnostics(diags: Sequence[Diagnostic]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from phi_rules.rules import check_file, rule_files
+    from phi_rules.language.rules import check_file, rule_files
 
     files = rule_files(args.paths)
     found: list[Diagnostic] = []
@@ -194,7 +195,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
-    from phi_rules.rules import RULES_DIR, load_rules, rule_files
+    from phi_rules.language.rules import RULES_DIR, load_rules, rule_files
 
     for f in rule_files([RULES_DIR]):
         try:
@@ -205,9 +206,8 @@ def _list() -> int:
     return 0
 
 
-def _options(args: argparse.Namespace):  # -> pipeline.Options, imported lazily (torch)
-    from phi_rules.pipeline import Options
-    from phi_rules.sources import SourceOptions
+def _options(args: argparse.Namespace) -> Options:
+    from phi_rules.options import SourceOptions
 
     src = SourceOptions(args.source, args.revision, args.cache_dir, args.offline, args.token, args.tokenizer)
     extra = {}
@@ -244,7 +244,7 @@ def _plan(args: argparse.Namespace) -> int:
     from phi_rules import pipeline
 
     _quiet_libraries()
-    from phi_rules.rules import load_rules
+    from phi_rules.language.rules import load_rules
 
     result = pipeline.plan(load_rules(args.rules), _options(args), note=_note(args.json))
     if args.json:
@@ -301,7 +301,7 @@ def _progress_factory(quiet: bool) -> Callable[[Any], Callable[[int], None]]:
 
 def _apply(args: argparse.Namespace) -> int:
     from phi_rules import pipeline
-    from phi_rules.rules import load_rules
+    from phi_rules.language.rules import load_rules
 
     _quiet_libraries()
     if args.quiet:
@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args)
         if args.command == "schema":
-            from phi_rules.rules import SCHEMA_PATH
+            from phi_rules.language.rules import SCHEMA_PATH
 
             print(SCHEMA_PATH.read_text(), end="")
             return 0

@@ -1,9 +1,11 @@
 """The pipeline, stage by stage: rules → source → plan on metadata → check → execute → write.
 
-``plan`` and ``convert`` are the Python API behind ``phi-rules plan`` and ``phi-rules apply``.
-Output is written into a temporary sibling folder and renamed into place only when complete, so
-that an error, Ctrl-C or kill leaves nothing at the destination. This module stays free of torch:
-sources are resolved and their hashing started before :mod:`phi_rules.engine` is imported.
+``plan`` and ``convert`` are the Python API behind ``phi-rules plan`` and ``phi-rules apply``; each
+stage lives in its own package (``language``, ``source``, ``plan``, ``write``) and this module only
+runs them in order. Output is written into a temporary sibling folder and renamed into place only
+when complete, so that an error, Ctrl-C or kill leaves nothing at the destination. Planning needs
+no torch; transformers (for the target check) and torch (for writing) are imported only once the
+sources are resolved and their hashing has started, so that the imports overlap with it.
 """
 
 from __future__ import annotations
@@ -14,42 +16,65 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import Any
 
 from phi_rules.errors import PhiRulesError
-from phi_rules.expr import Value
-from phi_rules.rules import Rules
-from phi_rules.sources import NO_TOKENIZER, Hasher, SourceOptions, resolve
-
-if TYPE_CHECKING:
-    from phi_rules.planner import Plan
+from phi_rules.language.rules import Rules
+from phi_rules.options import Options
+from phi_rules.plan.planner import FLOAT_DTYPES, Plan, make_plan
+from phi_rules.source.checkpoint import Checkpoint
+from phi_rules.source.header import TensorInfo
+from phi_rules.source.resolve import NO_TOKENIZER, Hasher, ResolvedSource, remote_tensors, resolve
 
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class Options:
-    """Everything ``apply`` can be told besides the rule file."""
+def checked(plan: Plan, dtype: str | None) -> Any:
+    """Run the target checks and raise every problem of the plan at once; returns the built config."""
+    from phi_rules.plan import target
 
-    source: SourceOptions = field(default_factory=SourceOptions)
-    overrides: Mapping[str, Value] = field(default_factory=dict)
-    device: str = "cpu"
-    dtype: str | None = None
-    max_shard_bytes: int = 5 * 10**9
-    format: str | None = None
-    force: bool = False
-    fsync: bool = False
-    require_tokenizer: bool = False
+    problems = list(plan.problems)
+    try:
+        config = target.build_config(plan, dtype)
+    except PhiRulesError as exc:
+        raise PhiRulesError(problems + exc.diagnostics) from None
+    if plan.rules.target.check:
+        expected = target.expected_parameters(plan, config)
+        already = target.already_converted(plan, expected)
+        if already:  # every other problem is a consequence of that
+            problems = [already]
+        elif all(p.code == "unconsumed" for p in problems):  # a failed step would only cascade here
+            problems += target.check_against_target(plan, expected)
+    if problems:
+        raise PhiRulesError(problems)
+    return config
+
+
+def _planned(
+    rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options
+) -> tuple[Plan, Any]:
+    """The checked plan and the target config it was checked with (its dtype: the output's, if uniform)."""
+    result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype)
+    floats = {t.dtype for t in result.tensors if t.dtype in FLOAT_DTYPES}
+    return result, checked(result, floats.pop() if len(floats) == 1 else None)
 
 
 def plan(rules: Rules, options: Options | None = None, note: Callable[[str], None] = lambda _: None) -> Plan:
     """Plan and check a conversion without writing anything; hub safetensors are read by header only."""
-    from phi_rules import engine
-
-    return engine.plan(rules, options or Options(), note)
+    options = options or Options()
+    if options.source.source is None and rules.source.path is None:
+        tensors, resolved = remote_tensors(rules, options.source, note)
+        with Checkpoint(resolved.weights) as local:
+            tensors = {**tensors, **local.tensors}
+    else:
+        resolved = resolve(rules, options.source)
+        with Checkpoint(resolved.weights) as ckpt:
+            tensors = dict(ckpt.tensors)
+    for n in resolved.notes:
+        note(n)
+    return _planned(rules, tensors, resolved, options)[0]
 
 
 @contextlib.contextmanager
@@ -135,10 +160,12 @@ def convert(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        with _terminate_as_interrupt():
-            from phi_rules import engine  # torch and transformers load while the sources hash
+        with _terminate_as_interrupt(), Checkpoint(resolved.weights) as ckpt:
+            result, config = _planned(rules, ckpt.tensors, resolved, options)  # transformers loads while hashing
+            from phi_rules.write import output
 
-            result = engine.write(tmp, rules, resolved, options, hasher, progress)
+            output.write_weights(tmp, result, ckpt, options, resolved, hasher, progress(result))
+            output.write_config(tmp, result, config)
             for extra in resolved.extras:
                 shutil.copyfile(extra, tmp / extra.name)
             if options.fsync:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import torch
 
-from phi_rules import ops
-from phi_rules.checkpoint import Checkpoint, torch_dtype
-from phi_rules.planner import Computation, Pick, PlannedTensor, Value
-from phi_rules.safetensors_header import TensorInfo, itemsize
+from phi_rules.language import ops
+from phi_rules.plan.planner import Computation, Pick, PlannedTensor, Value
+from phi_rules.source.checkpoint import Checkpoint, torch_dtype
+from phi_rules.source.header import TensorInfo, itemsize
 
 Segment = tuple[str, int, int]  # file, begin, end (absolute byte offsets)
 

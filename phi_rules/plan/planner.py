@@ -14,11 +14,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from phi_rules import expr, ops, template
-from phi_rules.checkpoint import torch_dtype
 from phi_rules.errors import Diagnostic
-from phi_rules.rules import Cast, Concat, Drop, Op, Permute, Rename, Reshape, Rules, Split, Step, Transform, Transpose
-from phi_rules.safetensors_header import TensorInfo, itemsize
+from phi_rules.language import expr, ops, template
+from phi_rules.language.rules import (
+    Cast,
+    Concat,
+    Drop,
+    Op,
+    Permute,
+    Rename,
+    Reshape,
+    Rules,
+    Split,
+    Step,
+    Transform,
+    Transpose,
+)
+from phi_rules.source.checkpoint import torch_dtype
+from phi_rules.source.header import TensorInfo, itemsize
 
 FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
 SHOW = 20  # at most this many keys named per problem class; the rest are counted

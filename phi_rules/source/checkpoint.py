@@ -1,6 +1,6 @@
 """Read source checkpoints: names, shapes and dtypes from metadata alone, tensor bytes on demand.
 
-Safetensors headers come from :mod:`phi_rules.safetensors_header`, so planning reads no tensor
+Safetensors headers come from :mod:`phi_rules.source.header`, so planning reads no tensor
 bytes. ``.bin`` files are opened with ``torch.load(weights_only=True, mmap=True)``: a pickle that
 wants to run code is refused.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from phi_rules.errors import PhiRulesError
-from phi_rules.safetensors_header import TensorInfo, read_safetensors
+from phi_rules.source.header import TensorInfo, read_safetensors
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from phi_rules.errors import Diagnostic, PhiRulesError
-from phi_rules.planner import SHOW, Plan
+from phi_rules.plan.planner import SHOW, Plan
 
 ROPE_KEYS = ("partial_rotary_factor", "rope_theta")  # keyword arguments that land in rope_parameters
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from phi_rules.checkpoint import torch_dtype
+from phi_rules.source.checkpoint import torch_dtype
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import jsonschema
 
-from phi_rules import expr, template
 from phi_rules.errors import Diagnostic, PhiRulesError
-from phi_rules.located_yaml import Located, YamlSyntaxError, load_located
+from phi_rules.language import expr, template
+from phi_rules.language.located_yaml import Located, YamlSyntaxError, load_located
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "phi-rules.schema.json"
-RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "phi-rules.schema.json"
+RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
 
 YPath = tuple[str | int, ...]
 

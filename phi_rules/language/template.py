@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from phi_rules import expr
+from phi_rules.language import expr
 
 _PART = re.compile(r"\\(?P<num>\d+)|\\g<(?P<group>\w+)>|\{\{|\}\}|\{(?P<expr>[^{}]*)\}|(?P<bad>[\\{}])")
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from phi_rules.errors import PhiRulesError
-from phi_rules.rules import FileSpec, Rules
-from phi_rules.safetensors_header import TensorInfo, parse_safetensors_header
+from phi_rules.language.rules import FileSpec, Rules
+from phi_rules.options import SourceOptions
+from phi_rules.source.header import TensorInfo, parse_safetensors_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # What --tokenizer copies, and what counts as a usable tokenizer in an output folder.
@@ -38,18 +39,6 @@ NO_TOKENIZER = (
     "pass --tokenizer PATH or --tokenizer owner/name@revision (the base model the weights came from)"
 )
 _HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """Command-line overrides of a rule's source."""
-
-    source: Path | None = None
-    revision: str | None = None
-    cache_dir: Path | None = None
-    offline: bool = False
-    token: str | None = None
-    tokenizer: str | None = None  # a folder or owner/name@revision to copy tokenizer files from
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""Write the output folder's files: weights streamed into safetensors (or one .bin), then the configs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from phi_rules.language.rules import Rules
+from phi_rules.options import Options
+from phi_rules.plan import target
+from phi_rules.plan.planner import Plan
+from phi_rules.source.checkpoint import Checkpoint
+from phi_rules.source.resolve import Hasher, ResolvedSource
+from phi_rules.write.execute import Executor, byte_segments
+from phi_rules.write.safetensors import SafetensorsWriter
+
+Progress = Callable[[int], None]
+
+
+def _metadata(rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str]) -> dict[str, str]:
+    return {
+        "format": "pt",
+        "phi_rules.rule": rules.name,
+        "phi_rules.rule_sha256": rules.sha256,
+        "phi_rules.source": resolved.origin,
+        "phi_rules.source_revision": resolved.revision or "",
+        "phi_rules.source_sha256": json.dumps(dict(hashes), sort_keys=True),
+    }
+
+
+def write_weights(
+    folder: Path,
+    result: Plan,
+    ckpt: Checkpoint,
+    options: Options,
+    resolved: ResolvedSource,
+    hasher: Hasher,
+    progress: Progress,
+) -> None:
+    device = torch.device(options.device)
+    executor = Executor(ckpt, result.tensors, device)
+    fmt = options.format or result.rules.target.format
+    if fmt == "bin":
+        state = {}
+        for t in result.tensors:
+            state[t.name] = executor.tensor(t)
+            progress(t.nbytes)
+        torch.save(state, folder / "pytorch_model.bin")
+        hasher.cancel()  # a .bin has no metadata to record them in
+        return
+    placeholder = {p.name: "0" * 64 for p in resolved.weights}
+    writer = SafetensorsWriter(
+        folder, result.tensors, options.max_shard_bytes, _metadata(result.rules, resolved, placeholder)
+    )
+    try:
+        for t in writer.order():
+            segments = byte_segments(t.value, t.dtype)
+            if segments is not None:
+                writer.copy_segments(t, segments, ckpt.fd)
+            else:
+                writer.write_tensor(t, executor.tensor(t))
+            progress(t.nbytes)
+        writer.finish(_metadata(result.rules, resolved, hasher.result()))
+    finally:
+        writer.close()
+
+
+def write_config(folder: Path, result: Plan, config: Any) -> None:
+    from transformers import GenerationConfig
+
+    target.write_config(result, config, folder)
+    GenerationConfig.from_model_config(config).save_pretrained(folder)  # type: ignore[arg-type]
