@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,3 +129,25 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert "tiny-phi-2: 100%" in shown and "4.14M/4.14M" in shown, shown
     piped = subprocess.run([*PHI_RULES, "apply", rule, "--out", tmp_path / "pipe"], capture_output=True, text=True)
     assert piped.returncode == 0 and "%" not in piped.stderr and "tensors" in piped.stderr
+
+
+def test_planning_imports_no_torch(tmp_path: Path) -> None:
+    """Rules, sources and planning are torch-free: phi-2 is planned from its headers alone."""
+    src = write_checkpoint(tmp_path / "src", random_state(MsftConfig(n_layer=3)), MsftConfig(n_layer=3), shards=2)
+    program = f"""
+import sys
+from phi_rules.language.rules import load_rules
+from phi_rules.options import SourceOptions
+from phi_rules.plan.planner import make_plan
+from phi_rules.source.checkpoint import Checkpoint
+from phi_rules.source.resolve import resolve
+rules = load_rules({str(ROOT / "rules" / "phi-2.yaml")!r})
+resolved = resolve(rules, SourceOptions(source=__import__("pathlib").Path({str(src)!r})))
+with Checkpoint(resolved.weights) as ckpt:
+    plan = make_plan(rules, ckpt.tensors, resolved.config())
+assert not plan.problems and len(plan.tensors) == 1 + 14 * 3 + 4, plan.problems
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")))
+"""
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

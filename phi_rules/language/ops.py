@@ -1,71 +1,352 @@
-"""Tensor ops with concrete arguments, run on ``meta`` tensors to plan and on real ones to convert.
+"""Tensor ops, one class each: arguments, shape inference in plain Python, the byte copy path, printing
+and running on real tensors.
 
-One implementation serves both, so a plan's shapes are exactly what execution produces.
+An op is built from its rule-file form (``build``), bound to numbers once a match's values are
+known (``bind``), then either inferred over :class:`Spec` values (planning, no torch), followed over
+source byte ranges (``segments``: the copy fast path; ``None`` when the op changes bytes) or run on
+tensors (``run``, which alone touches torch). Adding an op is one class here plus its schema entry.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from phi_rules.dtypes import ITEMSIZE
+from phi_rules.language import expr
 
-from phi_rules.source.checkpoint import torch_dtype
+if TYPE_CHECKING:
+    import torch
 
-
-@dataclass(frozen=True)
-class BoundOp:
-    """An op with every expression already evaluated: ``kind`` names it, ``args`` are ints/str."""
-
-    kind: str
-    args: tuple[object, ...]
-
-    def __str__(self) -> str:
-        if self.kind == "split":
-            dim, sizes = self.args
-            return f"split(dim={dim}, sizes={list(sizes)})"  # type: ignore[arg-type]
-        if self.kind == "concat":
-            return f"concat(dim={self.args[0]})"
-        if self.kind == "cast":
-            return f"cast({self.args[0]})"
-        return f"{self.kind}({', '.join(map(str, self.args[0]))})"  # type: ignore[call-overload]
+Shape = tuple[int, ...]
+Segment = tuple[str, int, int]  # file, begin, end (absolute byte offsets)
 
 
 class OpError(Exception):
     """An op whose arguments do not fit its input shapes."""
 
 
-def apply(op: BoundOp, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Apply one op to the list of current tensors; split turns one into many, concat many into one."""
-    try:
-        if op.kind == "split":
-            dim, sizes = op.args
-            (t,) = tensors
-            if sum(sizes) != t.shape[dim]:  # type: ignore[arg-type, index]
-                raise OpError(
-                    f"sizes {list(sizes)} add up to {sum(sizes)}, "  # type: ignore[arg-type]
-                    f"but dim {dim} of shape {list(t.shape)} is {t.shape[dim]}"
-                )  # type: ignore[index]
-            return list(torch.split(t, list(sizes), dim=dim))  # type: ignore[arg-type, call-overload]
-        if op.kind == "concat":
-            return [torch.cat(tensors, dim=op.args[0])]  # type: ignore[arg-type]
-        if op.kind == "view":
-            return [t.view(*op.args[0]) for t in tensors]  # type: ignore[misc]
-        if op.kind == "reshape":
-            return [t.reshape(*op.args[0]) for t in tensors]  # type: ignore[misc]
-        if op.kind == "transpose":
-            return [t.transpose(*op.args[0]) for t in tensors]  # type: ignore[misc]
-        if op.kind == "permute":
-            return [t.permute(*op.args[0]) for t in tensors]  # type: ignore[misc]
-        if op.kind == "cast":
-            return [t.to(torch_dtype(str(op.args[0]))) for t in tensors]
-    except (RuntimeError, IndexError, ValueError, TypeError) as exc:
-        shapes = ", ".join(str(list(t.shape)) for t in tensors)
-        raise OpError(f"{op} does not fit input shape {shapes}: {str(exc).splitlines()[0]}") from None
-    raise OpError(f"unknown op {op.kind!r}")
+@dataclass(frozen=True)
+class Spec:
+    """A tensor as planning sees it; ``contiguous`` is false after a transpose (``view`` then fails)."""
+
+    shape: Shape
+    dtype: str
+    contiguous: bool = True
 
 
-def contiguous_prefix(shape: tuple[int, ...], dim: int) -> bool:
+Bytes = tuple[list[Segment], Spec]  # a tensor's bytes as ranges of source files, and its spec
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What ``build`` needs from the rule checker: expression parsing that reports located errors."""
+
+    path: tuple[str | int, ...]
+    count: int  # tensors current before the op
+    parse: Callable[[tuple[str | int, ...], object], expr.Node | None]
+    error: Callable[[tuple[str | int, ...], str], None]
+
+
+def _dim(dim: int, rank: int, what: str) -> int:
+    if not -rank <= dim < rank:
+        raise OpError(f"{what}: dim {dim} is out of range for a {rank}-d tensor")
+    return dim % rank
+
+
+def _ints(nodes: tuple[expr.Node, ...], env: Mapping[str, expr.Value]) -> tuple[int, ...]:
+    values = [expr.evaluate(n, env) for n in nodes]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v:
+            raise expr.ExprError(f"a dimension must be a whole number, not {v!r}")
+    return tuple(int(v) for v in values)  # type: ignore[arg-type]
+
+
+def _consts(values: tuple[int, ...]) -> tuple[expr.Node, ...]:
+    return tuple(expr.Const(v) for v in values)
+
+
+def _values(nodes: tuple[expr.Node, ...]) -> tuple[int, ...]:
+    """The numbers of a bound op (every node a constant)."""
+    return tuple(int(n.value) for n in nodes if isinstance(n, expr.Const))  # type: ignore[arg-type]
+
+
+def _contiguous_prefix(shape: Shape, dim: int) -> bool:
     """True when slicing along ``dim`` yields contiguous byte ranges (all leading dims are 1)."""
-    dim = dim % len(shape) if shape else 0
     return math.prod(shape[:dim]) == 1
+
+
+def _slice(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
+    out: list[Segment] = []
+    pos = 0
+    for file, b, e in segments:
+        s, t = max(lo, pos), min(hi, pos + e - b)
+        if s < t:
+            out.append((file, b + s - pos, b + t - pos))
+        pos += e - b
+    return out
+
+
+class Op(ABC):
+    """One op; subclasses are frozen dataclasses whose fields are the rule's arguments."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        """The op from its rule-file argument (already schema-valid); reports problems through ``ctx``."""
+
+    def leaves(self, count: int) -> int:
+        """How many tensors are current after the op, given ``count`` before it."""
+        return count
+
+    def bind(self, env: Mapping[str, expr.Value], input_shape: Shape, specs: list[Spec]) -> Op:
+        """The op with every expression evaluated; ``input_shape`` is the transform input's."""
+        return self
+
+    @abstractmethod
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        """Output specs of a bound op; raises :class:`OpError` where it does not fit."""
+
+    def segments(self, items: list[Bytes]) -> list[Bytes] | None:
+        """Follow the op on byte ranges; ``None`` (the default) when it changes bytes."""
+        return None
+
+    @abstractmethod
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Apply a bound op to real tensors."""
+
+
+@dataclass(frozen=True)
+class Split(Op):
+    name: ClassVar[str] = "split"
+    dim: int
+    parts: int | None
+    sizes: tuple[expr.Node, ...] | None
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        if ctx.count != 1:
+            ctx.error(ctx.path, f"split needs exactly one tensor, but {ctx.count} are current")
+        if arg.get("sizes") is None:
+            return cls(arg["dim"], arg["parts"], None)
+        nodes = [ctx.parse((*ctx.path, "split", "sizes", i), s) for i, s in enumerate(arg["sizes"])]
+        return cls(arg["dim"], None, tuple(n for n in nodes if n is not None))
+
+    def leaves(self, count: int) -> int:
+        return len(self.sizes) if self.sizes is not None else int(self.parts or 1)
+
+    def bind(self, env: Mapping[str, expr.Value], input_shape: Shape, specs: list[Spec]) -> Op:
+        if self.sizes is not None:
+            return replace(self, sizes=_consts(_ints(self.sizes, env)))
+        shape = specs[0].shape if len(specs) == 1 else ()
+        parts = self.parts or 1
+        if not -len(shape) <= self.dim < len(shape) or shape[self.dim] % parts:
+            raise OpError(f"split into {parts} equal parts along dim {self.dim} does not fit shape {list(shape)}")
+        return replace(self, parts=None, sizes=_consts((shape[self.dim] // parts,) * parts))
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        (spec,) = specs
+        dim = _dim(self.dim, len(spec.shape), str(self))
+        sizes = _values(self.sizes or ())
+        if sum(sizes) != spec.shape[dim] or min(sizes) < 0:
+            raise OpError(
+                f"sizes {list(sizes)} add up to {sum(sizes)}, but dim {self.dim} of shape {list(spec.shape)} "
+                f"is {spec.shape[dim]}"
+            )
+        keeps = spec.contiguous and _contiguous_prefix(spec.shape, dim)
+        return [Spec((*spec.shape[:dim], n, *spec.shape[dim + 1 :]), spec.dtype, keeps) for n in sizes]
+
+    def segments(self, items: list[Bytes]) -> list[Bytes] | None:
+        (segs, spec), outs = items[0], self.infer([items[0][1]])
+        dim = _dim(self.dim, len(spec.shape), str(self))
+        if not (spec.contiguous and _contiguous_prefix(spec.shape, dim)):
+            return None
+        row = math.prod(spec.shape[dim + 1 :]) * ITEMSIZE[spec.dtype]
+        bounds = [0, *[sum(_values(self.sizes or ())[: i + 1]) for i in range(len(outs))]]
+        return [(_slice(segs, bounds[i] * row, bounds[i + 1] * row), out) for i, out in enumerate(outs)]
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(tensors[0].split(list(_values(self.sizes or ())), dim=self.dim))
+
+    def __str__(self) -> str:
+        return f"split(dim={self.dim}, sizes={list(_values(self.sizes or ()))})"
+
+
+@dataclass(frozen=True)
+class Concat(Op):
+    name: ClassVar[str] = "concat"
+    dim: int
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        return cls(arg["dim"])
+
+    def leaves(self, count: int) -> int:
+        return 1
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        first = specs[0]
+        dim = _dim(self.dim, len(first.shape), str(self))
+        for s in specs[1:]:
+            rest = [d for i, d in enumerate(s.shape) if i != dim]
+            if len(s.shape) != len(first.shape) or rest != [d for i, d in enumerate(first.shape) if i != dim]:
+                shapes = ", ".join(str(list(x.shape)) for x in specs)
+                raise OpError(f"{self} needs equal shapes outside dim {self.dim}, got {shapes}")
+            if s.dtype != first.dtype:
+                raise OpError(f"{self} needs one dtype, got {first.dtype} and {s.dtype}")
+        total = sum(s.shape[dim] for s in specs)
+        return [Spec((*first.shape[:dim], total, *first.shape[dim + 1 :]), first.dtype)]
+
+    def segments(self, items: list[Bytes]) -> list[Bytes] | None:
+        (out,) = self.infer([spec for _, spec in items])
+        dim = _dim(self.dim, len(out.shape), str(self))
+        if not all(spec.contiguous and _contiguous_prefix(spec.shape, dim) for _, spec in items):
+            return None
+        return [([s for segs, _ in items for s in segs], out)]
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        return [torch.cat(tensors, dim=self.dim)]
+
+    def __str__(self) -> str:
+        return f"concat(dim={self.dim})"
+
+
+@dataclass(frozen=True)
+class View(Op):
+    """A new shape without copying (``dims`` None: the transform input's shape); ``reshape`` may copy."""
+
+    name: ClassVar[str] = "view"
+    dims: tuple[expr.Node, ...] | None
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        if arg == "input":
+            return cls(None)
+        nodes = tuple(n for i, d in enumerate(arg) if (n := ctx.parse((*ctx.path, cls.name, i), d)) is not None)
+        if sum(1 for n in nodes if n == expr.Const(-1)) > 1:
+            ctx.error(ctx.path, f"{cls.name} may infer (-1) only one dimension")
+        return cls(nodes)
+
+    def bind(self, env: Mapping[str, expr.Value], input_shape: Shape, specs: list[Spec]) -> Op:
+        return replace(self, dims=_consts(input_shape if self.dims is None else _ints(self.dims, env)))
+
+    def _shape(self, spec: Spec) -> Shape:
+        dims = list(_values(self.dims or ()))
+        size = math.prod(spec.shape)
+        known = math.prod(d for d in dims if d != -1)
+        if -1 in dims and known and size % known == 0:
+            dims[dims.index(-1)] = size // known
+        if math.prod(dims) != size or any(d < 0 for d in dims):
+            raise OpError(f"{self} does not fit input shape {list(spec.shape)}")
+        return tuple(dims)
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        if not all(s.contiguous for s in specs):
+            raise OpError(f"{self} needs a contiguous tensor (after a transpose or permute, use reshape)")
+        return [Spec(self._shape(s), s.dtype) for s in specs]
+
+    def segments(self, items: list[Bytes]) -> list[Bytes] | None:
+        if not all(spec.contiguous for _, spec in items):
+            return None
+        return [(segs, spec) for (segs, _), spec in zip(items, self.infer([s for _, s in items]), strict=True)]
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.view(*_values(self.dims or ())) for t in tensors]
+
+    def __str__(self) -> str:
+        return f"{self.name}({', '.join(map(str, _values(self.dims or ())))})"
+
+
+@dataclass(frozen=True)
+class Reshape(View):
+    name: ClassVar[str] = "reshape"
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        return [Spec(self._shape(s), s.dtype) for s in specs]
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.reshape(*_values(self.dims or ())) for t in tensors]
+
+
+@dataclass(frozen=True)
+class Permute(Op):
+    name: ClassVar[str] = "permute"
+    dims: tuple[int, ...]
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        if sorted(arg) != list(range(len(arg))):
+            ctx.error(ctx.path, f"permute needs each of 0..{len(arg) - 1} exactly once, got {arg}")
+        return cls(tuple(arg))
+
+    def order(self, rank: int) -> tuple[int, ...]:
+        if len(self.dims) != rank:
+            raise OpError(f"{self} needs a {len(self.dims)}-d tensor, not a {rank}-d one")
+        return self.dims
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        out = []
+        for s in specs:
+            order = self.order(len(s.shape))
+            moved = any(s.shape[d] != 1 for i, d in enumerate(order) if d != i)
+            out.append(Spec(tuple(s.shape[d] for d in order), s.dtype, s.contiguous and not moved))
+        return out
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.permute(*self.order(t.dim())) for t in tensors]
+
+    def __str__(self) -> str:
+        return f"{self.name}({', '.join(map(str, self.dims))})"
+
+
+@dataclass(frozen=True)
+class Transpose(Permute):
+    """Swap two dims: the permutation that exchanges them."""
+
+    name: ClassVar[str] = "transpose"
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        if arg[0] == arg[1]:
+            ctx.error(ctx.path, "transpose needs two different dimensions")
+        return cls((arg[0], arg[1]))
+
+    def order(self, rank: int) -> tuple[int, ...]:
+        a, b = (_dim(d, rank, str(self)) for d in self.dims)
+        order = list(range(rank))
+        order[a], order[b] = b, a
+        return tuple(order)
+
+
+@dataclass(frozen=True)
+class Cast(Op):
+    name: ClassVar[str] = "cast"
+    dtype: str
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        return cls(arg)
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        return [replace(s, dtype=self.dtype) for s in specs]
+
+    def segments(self, items: list[Bytes]) -> list[Bytes] | None:
+        return items if all(spec.dtype == self.dtype for _, spec in items) else None
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        return [t.to(getattr(torch, self.dtype)) for t in tensors]
+
+    def __str__(self) -> str:
+        return f"cast({self.dtype})"
+
+
+OPS: dict[str, type[Op]] = {cls.name: cls for cls in (Split, Concat, View, Reshape, Transpose, Permute, Cast)}

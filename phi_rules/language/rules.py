@@ -19,8 +19,9 @@ from pathlib import Path
 import jsonschema
 
 from phi_rules.errors import Diagnostic, PhiRulesError
-from phi_rules.language import expr, template
+from phi_rules.language import expr, ops, template
 from phi_rules.language.located_yaml import Located, YamlSyntaxError, load_located
+from phi_rules.language.ops import Op
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "phi-rules.schema.json"
 RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
@@ -73,44 +74,6 @@ class Target:
     config: Mapping[str, expr.Node]
     mirror: tuple[str, ...] = ()
     require_tokenizer: bool = False
-
-
-@dataclass(frozen=True)
-class Split:
-    dim: int
-    parts: int | None
-    sizes: tuple[expr.Node, ...] | None
-
-
-@dataclass(frozen=True)
-class Concat:
-    dim: int
-
-
-@dataclass(frozen=True)
-class Reshape:
-    """``view`` (no copy allowed) or ``reshape``; ``dims`` None means the transform input's own shape."""
-
-    copy: bool
-    dims: tuple[expr.Node, ...] | None
-
-
-@dataclass(frozen=True)
-class Transpose:
-    dims: tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Permute:
-    dims: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Cast:
-    dtype: str
-
-
-Op = Split | Concat | Reshape | Transpose | Permute | Cast
 
 
 @dataclass(frozen=True)
@@ -334,39 +297,9 @@ def _build_op(
 ) -> tuple[Op | None, int]:
     """Build one op and return it with the number of tensors it leaves."""
     kind, arg = next(iter(raw.items()))
-    if kind == "split":
-        assert isinstance(arg, dict)
-        if count != 1:
-            c.error(path, f"split needs exactly one tensor, but {count} are current")
-        sizes = arg.get("sizes")
-        nodes = None
-        if sizes is not None:
-            nodes = tuple(n for i, s in enumerate(sizes) if (n := c.parse_expr((*path, kind, "sizes", i), s, known)))
-        parts = len(sizes) if sizes is not None else arg["parts"]
-        return Split(arg["dim"], arg.get("parts"), nodes), parts
-    if kind == "concat":
-        assert isinstance(arg, dict)
-        return Concat(arg["dim"]), 1
-    if kind in ("view", "reshape"):
-        dims = None
-        if arg != "input":
-            assert isinstance(arg, list)
-            dims = tuple(n for i, d in enumerate(arg) if (n := c.parse_expr((*path, kind, i), d, known)))
-            if sum(1 for n in dims if n == expr.Const(-1)) > 1:
-                c.error(path, f"{kind} may infer (-1) only one dimension")
-        return Reshape(kind == "reshape", dims), count
-    if kind == "transpose":
-        assert isinstance(arg, list)
-        if arg[0] == arg[1]:
-            c.error(path, "transpose needs two different dimensions")
-        return Transpose((arg[0], arg[1])), count
-    if kind == "permute":
-        assert isinstance(arg, list)
-        if sorted(arg) != list(range(len(arg))):
-            c.error(path, f"permute needs each of 0..{len(arg) - 1} exactly once, got {arg}")
-        return Permute(tuple(arg)), count
-    assert isinstance(arg, str)
-    return Cast(arg), count
+    ctx = ops.BuildContext(path, count, lambda p, v: c.parse_expr(p, v, known), lambda p, m: c.error(p, m))
+    op = ops.OPS[kind].build(arg, ctx)
+    return op, (op.leaves(count) if op is not None else count)
 
 
 def _group_names(patterns: Iterable[re.Pattern[str] | None]) -> dict[str, str]:
@@ -403,18 +336,18 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
             return None
         return Rename(name, where, optional, first, to, bool(body.get("anywhere", False)), when)
     count = len(texts)
-    ops: list[Op] = []
+    built: list[Op] = []
     for j, raw_op in enumerate(body["ops"]):
         op, count = _build_op(c, (*path, kind, "ops", j), raw_op, known, count)
         if op is not None:
-            ops.append(op)
+            built.append(op)
     outs = body["to"] if isinstance(body["to"], list) else [body["to"]]
     if len(outs) != count:
         c.error((*path, kind, "to"), f"the ops leave {count} tensor(s) but {len(outs)} output name(s) are given")
     tos = [c.parse_template((*path, kind, "to"), str(t), first, known) for t in outs]
     if any(p is None for p in patterns) or any(t is None for t in tos):
         return None
-    return Transform(name, where, optional, tuple(patterns), tuple(ops), tuple(tos), when)  # type: ignore[arg-type]
+    return Transform(name, where, optional, tuple(patterns), tuple(built), tuple(tos), when)  # type: ignore[arg-type]
 
 
 def _check_unique_names(c: _Checker, steps: list[object]) -> None:

@@ -1,9 +1,9 @@
 """Plan a conversion on metadata alone: run every step symbolically over names, shapes and dtypes.
 
 The working set maps current names to :class:`Entry` values. Steps run in rule order over the whole
-set; each sees the names the steps before it left. Ops run on ``meta`` tensors, so the shapes
-here are the shapes execution will produce. Problems are collected, never raised, so that one
-run reports them all.
+set; each sees the names the steps before it left. Shapes come from each op's own inference in
+plain Python (no torch: planning phi-2 from its headers takes milliseconds). Problems are
+collected, never raised, so that one run reports them all.
 """
 
 from __future__ import annotations
@@ -12,28 +12,12 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-import torch
-
+from phi_rules.dtypes import FLOAT_DTYPES, itemsize
 from phi_rules.errors import Diagnostic
 from phi_rules.language import expr, ops, template
-from phi_rules.language.rules import (
-    Cast,
-    Concat,
-    Drop,
-    Op,
-    Permute,
-    Rename,
-    Reshape,
-    Rules,
-    Split,
-    Step,
-    Transform,
-    Transpose,
-)
-from phi_rules.source.checkpoint import torch_dtype
-from phi_rules.source.header import TensorInfo, itemsize
+from phi_rules.language.rules import Drop, Rename, Rules, Step, Transform
+from phi_rules.source.header import TensorInfo
 
-FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
 SHOW = 20  # at most this many keys named per problem class; the rest are counted
 
 
@@ -43,7 +27,7 @@ class Computation:
 
     step: str
     inputs: tuple[Value, ...]
-    ops: tuple[ops.BoundOp, ...]
+    ops: tuple[ops.Op, ...]
     outputs: int
 
 
@@ -98,7 +82,7 @@ def source_infos(value: Value) -> Iterator[TensorInfo]:
             yield from source_infos(inp)
 
 
-def _ops_of(value: Value) -> list[ops.BoundOp]:
+def _ops_of(value: Value) -> list[ops.Op]:
     if isinstance(value, TensorInfo):
         return []
     inner = [op for inp in value.comp.inputs for op in _ops_of(inp)]
@@ -248,35 +232,6 @@ class _Planner:
             groups.append([s[0] for s in slots])
         return groups
 
-    def bind(
-        self, op: Op, env: Mapping[str, expr.Value], input_shape: tuple[int, ...], current: list[torch.Tensor]
-    ) -> ops.BoundOp:
-        """Evaluate an op's expressions; ``input_shape`` is the transform input's, for ``reshape: input``."""
-
-        def ints(nodes: tuple[expr.Node, ...]) -> tuple[int, ...]:
-            values = [expr.evaluate(n, env) for n in nodes]
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v:
-                    raise expr.ExprError(f"a dimension must be a whole number, not {v!r}")
-            return tuple(int(v) for v in values)  # type: ignore[arg-type]
-
-        if isinstance(op, Split):
-            if op.sizes is not None:
-                return ops.BoundOp("split", (op.dim, ints(op.sizes)))
-            shape = list(current[0].shape) if len(current) == 1 else []
-            if not -len(shape) <= op.dim < len(shape) or shape[op.dim] % (op.parts or 1):
-                raise ops.OpError(f"split into {op.parts} equal parts along dim {op.dim} does not fit shape {shape}")
-            return ops.BoundOp("split", (op.dim, (shape[op.dim] // (op.parts or 1),) * (op.parts or 1)))
-        if isinstance(op, Concat):
-            return ops.BoundOp("concat", (op.dim,))
-        if isinstance(op, Reshape):
-            shape = input_shape if op.dims is None else ints(op.dims)
-            return ops.BoundOp("reshape" if op.copy else "view", (shape,))
-        if isinstance(op, Transpose | Permute):
-            return ops.BoundOp("transpose" if isinstance(op, Transpose) else "permute", (op.dims,))
-        assert isinstance(op, Cast)
-        return ops.BoundOp("cast", (op.dtype,))
-
     def transform(self, step: Transform, entries: dict[str, Entry]) -> tuple[list[str], dict[str, Entry]]:
         produced: dict[str, list[tuple[str, Entry]]] = {}  # first input name -> outputs
         consumed: set[str] = set()
@@ -289,11 +244,11 @@ class _Planner:
                 if not self._when(step, template.group_env(first_match)):
                     continue
                 inputs = [entries[n] for n in names]
-                tensors = [torch.empty(e.shape, dtype=torch_dtype(e.dtype), device="meta") for e in inputs]
+                specs = [ops.Spec(e.shape, e.dtype) for e in inputs]
                 bound = []
                 for op in step.ops:
-                    b = self.bind(op, env, inputs[0].shape, tensors)
-                    tensors = ops.apply(b, tensors)
+                    b = op.bind(env, inputs[0].shape, specs)
+                    specs = b.infer(specs)
                     bound.append(b)
                 outs = [tpl.render(first_match, env) for tpl in step.to]
             except (expr.ExprError, ops.OpError) as exc:
@@ -304,11 +259,11 @@ class _Planner:
                 continue
             hits.extend(names)
             consumed.update(names)
-            comp = Computation(step.name, tuple(e.value for e in inputs), tuple(bound), len(tensors))
+            comp = Computation(step.name, tuple(e.value for e in inputs), tuple(bound), len(specs))
             history = (*dict.fromkeys(s for e in inputs for s in e.steps), step.name)
             produced[names[0]] = [
-                (out, Entry(Pick(comp, i), tuple(t.shape), str(t.dtype).removeprefix("torch."), history))
-                for i, (out, t) in enumerate(zip(outs, tensors, strict=True))
+                (out, Entry(Pick(comp, i), spec.shape, spec.dtype, history))
+                for i, (out, spec) in enumerate(zip(outs, specs, strict=True))
             ]
         result: dict[str, Entry] = {}
         for name, entry in entries.items():

@@ -12,14 +12,18 @@ import pickle
 import re
 from collections.abc import Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from phi_rules.errors import PhiRulesError
 from phi_rules.source.header import TensorInfo, read_safetensors
 
+if TYPE_CHECKING:  # torch is imported only to read .bin files and tensor bytes, never to plan
+    import torch
+
 
 def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise PhiRulesError(f"unknown dtype {name!r}")
@@ -32,6 +36,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A ``.bin`` state dict, memory-mapped where the format allows, never running pickled code."""
+    import torch
+
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -85,6 +91,8 @@ class Checkpoint:
         """The tensor's data on the CPU; safetensors bytes are read with pread, not mapped, to keep RSS low."""
         if info.span is None:
             return self._bins[info.file][info.name]
+        import torch
+
         begin, end = info.span
         buf = bytearray(end - begin)
         got = os.preadv(self.fd(info.file), [buf], begin) if buf else 0

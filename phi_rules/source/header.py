@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from phi_rules.dtypes import itemsize
 from phi_rules.errors import PhiRulesError
 
 # safetensors dtype code -> torch dtype name, and the reverse for writing.
@@ -30,29 +31,6 @@ ST_DTYPES = {
 }
 ST_CODES = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
-
-
-ITEMSIZE = {
-    "float64": 8,
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
-
-
-def itemsize(name: str) -> int:
-    try:
-        return ITEMSIZE[name]
-    except KeyError:
-        raise PhiRulesError(f"unsupported dtype {name!r}") from None
 
 
 @dataclass(frozen=True, eq=False)

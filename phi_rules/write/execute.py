@@ -4,30 +4,16 @@ change, everything else read, moved to the device, run through its ops and moved
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterator
 
 import torch
 
-from phi_rules.language import ops
+from phi_rules.dtypes import itemsize
+from phi_rules.language.ops import Bytes, Segment, Spec
 from phi_rules.plan.planner import Computation, Pick, PlannedTensor, Value
 from phi_rules.source.checkpoint import Checkpoint, torch_dtype
-from phi_rules.source.header import TensorInfo, itemsize
-
-Segment = tuple[str, int, int]  # file, begin, end (absolute byte offsets)
-
-
-def _slice(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
-    out: list[Segment] = []
-    pos = 0
-    for file, b, e in segments:
-        n = e - b
-        s, t = max(lo, pos), min(hi, pos + n)
-        if s < t:
-            out.append((file, b + s - pos, b + t - pos))
-        pos += n
-    return out
+from phi_rules.source.header import TensorInfo
 
 
 def _merge(segments: list[Segment]) -> list[Segment]:
@@ -40,51 +26,27 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     return out
 
 
-def _segment_op(op: ops.BoundOp, items: list[tuple[list[Segment], torch.Tensor]]):
-    """Follow one op on byte segments; None when the op changes bytes (transpose, real casts, …)."""
-    metas = ops.apply(op, [m for _, m in items])
-    if op.kind in ("view", "reshape"):
-        return [(segs, m) for (segs, _), m in zip(items, metas, strict=True)]
-    if op.kind == "cast":
-        return items if all(m.dtype == meta.dtype for (_, m), meta in zip(items, metas, strict=True)) else None
-    if op.kind == "split":
-        (segs, meta), (dim, sizes) = items[0], op.args
-        if not ops.contiguous_prefix(tuple(meta.shape), dim):  # type: ignore[arg-type]
-            return None
-        row = math.prod(meta.shape[dim + 1 :] if dim >= 0 else meta.shape[meta.dim() + dim + 1 :])  # type: ignore[operator]
-        row *= meta.element_size()
-        bounds = [0, *[sum(sizes[: i + 1]) for i in range(len(sizes))]]  # type: ignore[arg-type, index]
-        return [(_slice(segs, bounds[i] * row, bounds[i + 1] * row), m) for i, m in enumerate(metas)]
-    if op.kind == "concat":
-        if not all(ops.contiguous_prefix(tuple(m.shape), op.args[0]) for _, m in items):  # type: ignore[arg-type]
-            return None
-        return [([s for segs, _ in items for s in segs], metas[0])]
-    return None
-
-
 def byte_segments(value: Value, out_dtype: str) -> list[Segment] | None:
     """The output's bytes as ranges of source files, if no op changes them; else None."""
 
-    def walk(v: Value) -> list[tuple[list[Segment], torch.Tensor]] | None:
+    def walk(v: Value) -> list[Bytes] | None:
         if isinstance(v, TensorInfo):
-            if v.span is None:
-                return None
-            return [([(v.file, *v.span)], torch.empty(v.shape, dtype=torch_dtype(v.dtype), device="meta"))]
-        items: list[tuple[list[Segment], torch.Tensor]] = []
+            return None if v.span is None else [([(v.file, *v.span)], Spec(v.shape, v.dtype))]
+        items: list[Bytes] = []
         for inp in v.comp.inputs:
             got = walk(inp)
             if got is None:
                 return None
             items.extend(got)
         for op in v.comp.ops:
-            nxt = _segment_op(op, items)
+            nxt = op.segments(items)
             if nxt is None:
                 return None
             items = nxt
         return [items[v.index]]
 
     got = walk(value)
-    if got is None or str(got[0][1].dtype).removeprefix("torch.") != out_dtype:
+    if got is None or got[0][1].dtype != out_dtype or not got[0][1].contiguous:
         return None
     return _merge(got[0][0])
 
@@ -113,7 +75,7 @@ class Executor:
         if comp not in self.cache:
             tensors = [self._value(inp) for inp in comp.inputs]
             for op in comp.ops:
-                tensors = ops.apply(op, tensors)
+                tensors = op.run(tensors)
             self.cache[comp] = tensors
         result = self.cache[comp][value.index]
         self.uses[comp] -= 1

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from phi_rules.errors import PhiRulesError
+from phi_rules.language.ops import Segment
 from phi_rules.plan.planner import PlannedTensor
 from phi_rules.source.header import ST_CODES
-from phi_rules.write.execute import Segment
 
 CHUNK = 64 * 1024 * 1024
 
