@@ -195,7 +195,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
-    from phi_rules.language.rules import RULES_DIR, load_rules, rule_files
+    from phi_rules.language.document import RULES_DIR
+    from phi_rules.language.rules import load_rules, rule_files
 
     for f in rule_files([RULES_DIR]):
         try:

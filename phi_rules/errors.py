@@ -6,6 +6,7 @@ values and the CLI alone decides how to show them (text lines or JSON).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -43,3 +44,9 @@ class PhiRulesError(Exception):
             diagnostics = [Diagnostic(diagnostics)]
         self.diagnostics: list[Diagnostic] = list(diagnostics)
         super().__init__("\n".join(str(d) for d in self.diagnostics))
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest known name, or nothing: the one hint every message uses."""
+    hint = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""

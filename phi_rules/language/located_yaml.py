@@ -11,25 +11,41 @@ from dataclasses import dataclass, field
 import yaml
 
 Path = tuple[str | int, ...]
+Mark = tuple[str, int, int]  # file, 1-based line and column
 
 
 @dataclass
 class Located:
-    """A loaded YAML document with 1-based (line, column) positions of its values and mapping keys."""
+    """A loaded YAML document with the file, line and column of each of its values and mapping keys.
+
+    Marks carry their file because a document can be merged from several (``extends``).
+    """
 
     data: object
-    values: dict[Path, tuple[int, int]] = field(default_factory=dict)
-    keys: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    values: dict[Path, Mark] = field(default_factory=dict)
+    keys: dict[Path, Mark] = field(default_factory=dict)
 
-    def position(self, path: Path, *, key: bool = False) -> tuple[int, int]:
-        """Position of ``path``, or of its nearest ancestor that has one."""
-        table = self.keys if key else self.values
-        if key and path in table:
-            return table[path]
+    def position(self, path: Path, *, key: bool = False) -> Mark:
+        """Where ``path`` was written, or its nearest ancestor that has a position."""
+        if key and path in self.keys:
+            return self.keys[path]
         for end in range(len(path), -1, -1):
             if path[:end] in self.values:
                 return self.values[path[:end]]
-        return (1, 1)
+        return next(iter(self.values.values()), ("<unknown>", 1, 1))
+
+    def subtree(self, prefix: Path, to: Path) -> Located:
+        """The marks below ``prefix`` moved under ``to`` (data not copied): for merging documents."""
+        n = len(prefix)
+        return Located(
+            None,
+            {(*to, *p[n:]): m for p, m in self.values.items() if p[:n] == prefix},
+            {(*to, *p[n:]): m for p, m in self.keys.items() if p[:n] == prefix},
+        )
+
+    def take(self, other: Located) -> None:
+        self.values.update(other.values)
+        self.keys.update(other.keys)
 
 
 class YamlSyntaxError(Exception):
@@ -44,7 +60,7 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
     return (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def load_located(text: str) -> Located:
+def load_located(text: str, file: str = "<string>") -> Located:
     """Parse one YAML document safely; duplicate keys and non-string keys are syntax errors."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -56,17 +72,19 @@ def load_located(text: str) -> Located:
         raise YamlSyntaxError(str(exc), 1, 1) from None
     located = Located(None)
     if node is not None:
-        located.data = _build(node, (), located, yaml.SafeLoader(""))
+        located.data = _build(node, (), located, yaml.SafeLoader(""), file)
+    else:
+        located.values[()] = (file, 1, 1)
     return located
 
 
 _MAX_NODES = 100_000  # aliases can make a tiny file expand exponentially ("billion laughs")
 
 
-def _build(node: yaml.Node, path: Path, located: Located, loader: yaml.SafeLoader) -> object:
+def _build(node: yaml.Node, path: Path, located: Located, loader: yaml.SafeLoader, file: str) -> object:
     if len(located.values) >= _MAX_NODES or len(path) > 200:
         raise YamlSyntaxError("document too large or too deeply nested (recursive alias?)", *_mark(node))
-    located.values[path] = _mark(node)
+    located.values[path] = (file, *_mark(node))
     if isinstance(node, yaml.MappingNode):
         result: dict[str, object] = {}
         for key_node, value_node in node.value:
@@ -75,11 +93,11 @@ def _build(node: yaml.Node, path: Path, located: Located, loader: yaml.SafeLoade
             key = str(loader.construct_object(key_node))
             if key in result:
                 raise YamlSyntaxError(f"duplicate key {key!r}", *_mark(key_node))
-            located.keys[(*path, key)] = _mark(key_node)
-            result[key] = _build(value_node, (*path, key), located, loader)
+            located.keys[(*path, key)] = (file, *_mark(key_node))
+            result[key] = _build(value_node, (*path, key), located, loader, file)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, (*path, i), located, loader) for i, item in enumerate(node.value)]
+        return [_build(item, (*path, i), located, loader, file) for i, item in enumerate(node.value)]
     try:
         return loader.construct_object(node)
     except yaml.YAMLError as exc:

@@ -7,7 +7,6 @@ step names are unique). Parts that failed the schema are not checked again seman
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -18,13 +17,13 @@ from pathlib import Path
 
 import jsonschema
 
-from phi_rules.errors import Diagnostic, PhiRulesError
-from phi_rules.language import expr, ops, template
-from phi_rules.language.located_yaml import Located, YamlSyntaxError, load_located
+from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
+from phi_rules.language import expr, ops, shortform, template
+from phi_rules.language.document import LoadError, load_document
+from phi_rules.language.located_yaml import Located
 from phi_rules.language.ops import Op
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "phi-rules.schema.json"
-RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
 
 YPath = tuple[str | int, ...]
 
@@ -72,8 +71,10 @@ class Target:
     dtype: str
     format: str
     config: Mapping[str, expr.Node]
-    mirror: tuple[str, ...] = ()
-    require_tokenizer: bool = False
+    config_where: Mapping[str, Where]  # where each config value was written, for later diagnostics
+    copy: tuple[str, ...]
+    mirror: tuple[str, ...]
+    require_tokenizer: bool
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,7 @@ class Rename:
     name: str
     where: Where
     optional: bool
-    pattern: re.Pattern[str]
-    to: template.Template
+    pairs: tuple[tuple[re.Pattern[str], template.Template], ...]  # the first pair that matches renames
     anywhere: bool
     when: expr.Node | None
 
@@ -120,6 +120,8 @@ class Rules:
     description: str
     source: Source
     target: Target
+    lets: Mapping[str, expr.Node]  # named expressions over config values, evaluated in order
+    let_where: Mapping[str, Where]
     steps: tuple[Step, ...]
     where_target: Where = field(compare=False)
 
@@ -145,8 +147,8 @@ class _Checker:
         self.bad_paths: list[YPath] = []
 
     def where(self, path: YPath, *, key: bool = False) -> Where:
-        line, col = self.located.position(path, key=key)
-        return Where(self.display, line, col, _pointer(path))
+        file, line, col = self.located.position(path, key=key)
+        return Where(file, line, col, _pointer(path))
 
     def error(self, path: YPath, message: str, *, key: bool = False, code: str = "semantic") -> None:
         self.diagnostics.append(self.where(path, key=key).error(message, code))
@@ -156,10 +158,13 @@ class _Checker:
         return not any(bad[: len(path)] == path or path[: len(bad)] == bad for bad in self.bad_paths)
 
     # --- schema ----------------------------------------------------------------------------------
-    def check_schema(self) -> None:
+    def check_schema(self, *, abstract: bool = False) -> None:
+        """Schema errors; an abstract base may lack a source (the files that extend it give one)."""
         validator = jsonschema.Draft202012Validator(schema())
         for err in validator.iter_errors(self.located.data):
             path = tuple(err.absolute_path)
+            if abstract and (path == ("source",) or (path == () and "'source'" in err.message)):
+                continue
             self.bad_paths.append(path)
             self._schema_error(path, err)
 
@@ -167,8 +172,7 @@ class _Checker:
         if err.validator == "additionalProperties" and isinstance(err.instance, dict):
             allowed = set(err.schema.get("properties", {}))
             for extra in sorted(set(err.instance) - allowed):
-                hint = difflib.get_close_matches(extra, sorted(allowed), n=1)
-                more = f"; did you mean {hint[0]!r}?" if hint else f" (allowed: {', '.join(sorted(allowed))})"
+                more = did_you_mean(extra, allowed) or f" (allowed: {', '.join(sorted(allowed))})"
                 self.error((*path, extra), f"unknown key {extra!r}{more}", key=True, code="schema")
             return
         if err.validator == "oneOf":
@@ -202,12 +206,10 @@ class _Checker:
         """Report each name of ``node`` absent from ``known`` (name → what declares such names)."""
         for name in expr.names(node):
             if name.name not in known:
-                hint = difflib.get_close_matches(name.name, sorted(known), n=1)
-                tail = f"; did you mean {hint[0]!r}?" if hint else ""
                 self.error(
                     path,
-                    f"unknown name {name.name!r} in expression{tail} (names come from "
-                    "source.config_defaults, target.config and the pattern's named groups)",
+                    f"unknown name {name.name!r} in expression{did_you_mean(name.name, known)} (names come "
+                    "from source.config_defaults, target.config, let and the pattern's named groups)",
                 )
 
     def parse_expr(self, path: YPath, value: object, known: Mapping[str, str]) -> expr.Node | None:
@@ -248,9 +250,7 @@ class _Checker:
                 )
         for name, _ in tpl.names():
             if name.name not in known:
-                hint = difflib.get_close_matches(name.name, sorted(known), n=1)
-                tail = f"; did you mean {hint[0]!r}?" if hint else ""
-                self.error(path, f"unknown name {name.name!r} in template{tail}")
+                self.error(path, f"unknown name {name.name!r} in template{did_you_mean(name.name, known)}")
         return tpl
 
 
@@ -281,12 +281,18 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         node = c.parse_expr(("target", "config", key), value, source_names)
         if node is not None:
             config[key] = node
+    copy = tuple(raw.get("copy", ()))
+    for i, key in enumerate(copy):
+        if key in raw["config"]:
+            c.error(("target", "copy", i), f"{key!r} is both copied and computed in target.config: keep one")
     return Target(
         raw["architecture"],
         raw.get("check", True),
         raw.get("dtype", "keep"),
         raw.get("format", "safetensors"),
         config,
+        {k: c.where(("target", "config", k)) for k in raw["config"]},
+        copy,
         tuple(raw.get("mirror", ())),
         raw.get("require_tokenizer", False),
     )
@@ -318,6 +324,9 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
         pattern = c.compile((*path, "drop"), body)
         return Drop(name, where, optional, pattern) if pattern else None
     assert isinstance(body, dict)
+    if kind == "rename" and "match" not in body:
+        pairs = _short_pairs(c, (*path, kind), body, config_names)
+        return Rename(name, where, optional, pairs, False, None) if pairs else None
     texts = body["match"] if isinstance(body["match"], list) else [body["match"]]
     match_path: YPath = (*path, kind, "match")
     patterns = [
@@ -326,7 +335,9 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
     groups = _group_names(patterns)
     for g in groups:
         if g in config_names:
-            c.error(match_path, f"group name {g!r} shadows the config field of the same name; rename the group")
+            c.error(
+                match_path, f"group name {g!r} shadows the {config_names[g]} value of the same name; rename the group"
+            )
     known = {**config_names, **groups}
     when = c.parse_expr((*path, kind, "when"), body["when"], known) if "when" in body else None
     first = patterns[0]
@@ -334,7 +345,7 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
         to = c.parse_template((*path, kind, "to"), str(body["to"]), first, known)
         if first is None or to is None:
             return None
-        return Rename(name, where, optional, first, to, bool(body.get("anywhere", False)), when)
+        return Rename(name, where, optional, ((first, to),), bool(body.get("anywhere", False)), when)
     count = len(texts)
     built: list[Op] = []
     for j, raw_op in enumerate(body["ops"]):
@@ -350,6 +361,52 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
     return Transform(name, where, optional, tuple(patterns), tuple(built), tuple(tos), when)  # type: ignore[arg-type]
 
 
+def _short_pairs(
+    c: _Checker, path: YPath, body: dict[str, object], known: Mapping[str, str]
+) -> tuple[tuple[re.Pattern[str], template.Template], ...] | None:
+    """The short rename form's ``pattern: target`` pairs, as regex-form pairs (see :mod:`shortform`)."""
+    pairs = []
+    for source_text, target_text in body.items():
+        where = (*path, source_text)
+        try:
+            regex, kinds = shortform.pattern(source_text)
+        except shortform.ShortFormError as exc:
+            c.error(
+                where, f"bad short-form pattern {source_text!r}: {exc.message} at character {exc.offset + 1}", key=True
+            )
+            continue
+        for name in kinds:
+            if name in known:
+                c.error(where, f"placeholder {{{name}}} shadows the {known[name]} value of the same name", key=True)
+        try:
+            to = shortform.target(str(target_text), kinds, known)
+        except shortform.ShortFormError as exc:
+            c.error(where, f"{exc.message} (in {target_text!r} at character {exc.offset + 1})")
+            continue
+        compiled = c.compile(where, regex)
+        tpl = c.parse_template(where, to, compiled, {**known, **dict.fromkeys(kinds, "placeholder")})
+        if compiled is not None and tpl is not None:
+            pairs.append((compiled, tpl))
+    return tuple(pairs) if len(pairs) == len(body) else None
+
+
+def _build_lets(c: _Checker, data: dict[str, object], known: dict[str, str]) -> dict[str, expr.Node]:
+    """``let`` expressions, each over config values and the lets before it; a name may not be reused."""
+    raw = data.get("let")
+    lets: dict[str, expr.Node] = {}
+    if not isinstance(raw, dict) or not c.ok(("let",)):
+        return lets
+    for name, value in raw.items():
+        if name in known:
+            c.error(("let", name), f"let name {name!r} clashes with the {known[name]} value of the same name", key=True)
+            continue
+        node = c.parse_expr(("let", name), value, known)
+        known[name] = "let"
+        if node is not None:
+            lets[name] = node
+    return lets
+
+
 def _check_unique_names(c: _Checker, steps: list[object]) -> None:
     seen: dict[str, int] = {}
     for i, raw in enumerate(steps):
@@ -360,81 +417,79 @@ def _check_unique_names(c: _Checker, steps: list[object]) -> None:
             seen.setdefault(name, i)
 
 
-def _check(display: str, path: Path, text: str) -> tuple[list[Diagnostic], Rules | None]:
+def _check(display: str, path: Path, text: str | None = None) -> tuple[list[Diagnostic], Rules | None]:
     try:
-        located = load_located(text)
-    except YamlSyntaxError as exc:
-        return [Diagnostic(f"YAML syntax error: {exc.message}", display, exc.line, exc.column, code="yaml")], None
+        document = load_document(path, display, text)
+    except LoadError as exc:
+        return exc.diagnostics, None
+    located = document.located
     c = _Checker(display, located)
-    c.check_schema()
+    c.check_schema(abstract=document.abstract)
     data = located.data
     if not isinstance(data, dict):
         return c.diagnostics, None
-    source = _build_source(data, path.parent) if c.ok(("source",)) and "source" in data else None
+    source = None
+    if c.ok(("source",)) and "source" in data and not document.abstract:
+        source = _build_source(data, Path(located.position(("source",))[0]).parent)
     # Names are taken from the raw data so that a schema error in `source` does not make every
     # expression report unknown names as well.
     raw_source = data.get("source")
     defaults = raw_source.get("config_defaults") if isinstance(raw_source, dict) else None
-    source_names = {str(k): "source" for k in (defaults if isinstance(defaults, dict) else {})}
+    source_names = {str(k): "source config" for k in (defaults if isinstance(defaults, dict) else {})}
     target = None
     if c.ok(("target",)) and "target" in data:
         target = _build_target(c, data, source_names)
     raw_target = data.get("target")
     raw_config = raw_target.get("config") if isinstance(raw_target, dict) else None
-    config_names = {**source_names, **{str(k): "target" for k in (raw_config if isinstance(raw_config, dict) else {})}}
+    known = {**source_names, **{str(k): "target config" for k in (raw_config if isinstance(raw_config, dict) else {})}}
+    lets = _build_lets(c, data, known)
     steps: list[Step | None] = []
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     assert isinstance(raw_steps, list)
     _check_unique_names(c, raw_steps)
     for i, raw in enumerate(raw_steps):
         if c.ok(("steps", i)):
-            steps.append(_build_step(c, i, raw, config_names))
+            steps.append(_build_step(c, i, raw, known))
     if c.diagnostics or source is None or target is None:
         return c.diagnostics, None
     rules = Rules(
         path,
         display,
-        hashlib.sha256(text.encode()).hexdigest(),
+        hashlib.sha256("".join(document.texts).encode()).hexdigest(),
         data["name"],
         data.get("description", ""),
         source,
         target,
+        lets,
+        {k: c.where(("let", k)) for k in lets},
         tuple(s for s in steps if s is not None),
         c.where(("target",)),
     )
     return [], rules
 
 
-def _read(path: Path, display: str) -> tuple[str | None, list[Diagnostic]]:
-    try:
-        return path.read_text(encoding="utf-8"), []
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return None, [Diagnostic(f"cannot read rule file: {reason}", display)]
+def _sorted(problems: list[Diagnostic]) -> list[Diagnostic]:
+    return sorted(problems, key=lambda d: (d.file or "", d.line or 0, d.column or 0))
 
 
 def check_text(text: str, display: str = "<string>", path: Path | None = None) -> list[Diagnostic]:
     """All problems of a rule document, sorted by position; empty if it is valid."""
-    problems, _ = _check(display, path or Path(display), text)
-    return sorted(problems, key=lambda d: (d.line or 0, d.column or 0))
+    return _sorted(_check(display, path or Path(display), text)[0])
 
 
 def check_file(path: Path | str) -> list[Diagnostic]:
-    """All problems of one rule file, sorted by position; empty if it is valid."""
-    path = Path(path)
-    text, problems = _read(path, str(path))
-    return problems if text is None else check_text(text, str(path), path)
+    """All problems of one rule file (and of the bases it extends), sorted by position; empty if valid."""
+    return _sorted(_check(str(path), Path(path))[0])
 
 
 def load_rules(path: Path | str) -> Rules:
     """Load and check a rule file; raises :class:`PhiRulesError` listing every problem."""
-    path = Path(path)
-    text, problems = _read(path, str(path))
-    if text is not None:
-        problems, rules = _check(str(path), path, text)
-        if rules is not None:
-            return rules
-    raise PhiRulesError(sorted(problems, key=lambda d: (d.line or 0, d.column or 0)))
+    problems, rules = _check(str(path), Path(path))
+    if rules is None:
+        raise PhiRulesError(
+            _sorted(problems) or [Diagnostic("an abstract rule is a base for others, not converted", str(path))]
+        )
+    return rules
 
 
 def rule_files(paths: Iterable[Path | str]) -> list[Path]:

@@ -137,21 +137,33 @@ def source_config(rules: Rules, found: Mapping[str, object] | None, overrides: M
 
 
 def target_config(
-    rules: Rules, src: Mapping[str, expr.Value], overrides: Mapping[str, expr.Value], problems: list[Diagnostic]
+    rules: Rules,
+    src: Mapping[str, expr.Value],
+    found: Mapping[str, object] | None,
+    overrides: Mapping[str, expr.Value],
+    problems: list[Diagnostic],
 ) -> dict[str, expr.Value]:
-    """Evaluate the target config expressions over the source config; ``--set`` wins for target keys."""
-    values: dict[str, expr.Value] = {}
-    w = rules.where_target
+    """Target config values: ``copy`` fields the source has, then the expressions; ``--set`` wins for target keys."""
+    values: dict[str, expr.Value] = {k: found[k] for k in rules.target.copy if found and k in found}  # type: ignore[misc]
     for key, node in rules.target.config.items():
         try:
             values[key] = expr.evaluate(node, src)
         except expr.ExprError as exc:
-            problems.append(
-                Diagnostic(f"cannot compute {key}: {exc.message}", w.file, w.line, w.column, f"target/config/{key}")
-            )
+            problems.append(rules.target.config_where[key].error(f"cannot compute {key}: {exc.message}", "plan"))
     for key, value in overrides.items():
         if key not in rules.source.config_defaults:
             values[key] = value
+    return values
+
+
+def let_values(rules: Rules, env: Mapping[str, expr.Value], problems: list[Diagnostic]) -> dict[str, expr.Value]:
+    """The ``let`` expressions evaluated in order, each seeing the ones before it."""
+    values = dict(env)
+    for name, node in rules.lets.items():
+        try:
+            values[name] = expr.evaluate(node, values)
+        except expr.ExprError as exc:
+            problems.append(rules.let_where[name].error(f"cannot compute let {name}: {exc.message}", "plan"))
     return values
 
 
@@ -199,12 +211,15 @@ class _Planner:
         for name, entry in entries.items():
             new = name
             try:
-                m = step.pattern.search(name) if step.anywhere else step.pattern.fullmatch(name)
-                if m is not None and self._when(step, template.group_env(m)):
-                    render = lambda mm: step.to.render(mm, {**self.env, **template.group_env(mm)})  # noqa: E731
-                    new = step.pattern.sub(render, name) if step.anywhere else render(m)
+                for pattern, to in step.pairs:
+                    m = pattern.search(name) if step.anywhere else pattern.fullmatch(name)
+                    if m is None or not self._when(step, template.group_env(m)):
+                        continue
+                    render = lambda mm, to=to: to.render(mm, {**self.env, **template.group_env(mm)})  # noqa: E731
+                    new = pattern.sub(render, name) if step.anywhere else render(m)
                     hits.append(name)
                     entry = Entry(entry.value, entry.shape, entry.dtype, (*entry.steps, step.name))
+                    break
             except expr.ExprError as exc:
                 self.problem(step, f"for {name!r}: {exc.message}")
                 hits.append(name)
@@ -285,9 +300,9 @@ def make_plan(
     overrides = overrides or {}
     problems: list[Diagnostic] = []
     src = source_config(rules, found_config, overrides)
-    config = target_config(rules, src, overrides, problems)
+    config = target_config(rules, src, found_config, overrides, problems)
     entries = {n: Entry(i, i.shape, i.dtype, ()) for n, i in tensors.items()}
-    final = _Planner(rules, {**src, **config}, problems).run(entries)
+    final = _Planner(rules, let_values(rules, {**src, **config}, problems), problems).run(entries)
     out_dtype = dtype or (None if rules.target.dtype == "keep" else rules.target.dtype)
     untouched = [n for n, e in final.items() if not e.steps]
     if untouched:

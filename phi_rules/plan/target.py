@@ -4,7 +4,6 @@ against the architecture's real parameter set built on the ``meta`` device (no m
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 from collections.abc import Mapping
@@ -13,23 +12,36 @@ from typing import Any
 
 import torch
 
-from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
+from phi_rules.language.rules import Where
 from phi_rules.plan.planner import SHOW, Plan
 
 ROPE_KEYS = ("partial_rotary_factor", "rope_theta")  # keyword arguments that land in rope_parameters
 
 
 def model_class(architecture: str) -> Any:
-    import transformers
+    """The model class, found through transformers' own name tables: importing its modeling module only,
+    not the lazy top-level attribute that first scans every model's import structure (seconds)."""
+    import importlib
 
-    cls = getattr(transformers, architecture, None)
-    if cls is None or not hasattr(cls, "config_class"):
-        hint = difflib.get_close_matches(architecture, [n for n in dir(transformers) if n.endswith("LM")], n=1)
-        raise PhiRulesError(
-            f"transformers {transformers.__version__} has no model class {architecture!r}"
-            + (f"; did you mean {hint[0]!r}?" if hint else "")
-        )
-    return cls
+    import transformers
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    names: set[str] = set()
+    for table in (getattr(modeling_auto, n) for n in dir(modeling_auto) if n.endswith("_MAPPING_NAMES")):
+        for model_type, classes in table.items():
+            found = classes if isinstance(classes, tuple | list) else (classes,)
+            names.update(found)
+            if architecture in found:
+                module = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}")
+                cls = getattr(module, architecture, None)
+                if cls is not None and hasattr(cls, "config_class"):
+                    return cls
+    raise PhiRulesError(
+        f"transformers {transformers.__version__} has no model class {architecture!r}"
+        + did_you_mean(architecture, names)
+    )
 
 
 def _known_fields(config_cls: Any) -> set[str]:
@@ -38,6 +50,17 @@ def _known_fields(config_cls: Any) -> set[str]:
     if "rope_parameters" in known:
         known |= set(ROPE_KEYS)
     return known
+
+
+def _where(plan: Plan, key: str) -> Where:
+    """Where a config value was written (a --set or copied value: the target section)."""
+    w = plan.rules.target.config_where.get(key)
+    return w or Where(
+        plan.rules.where_target.file,
+        plan.rules.where_target.line,
+        plan.rules.where_target.column,
+        f"target/config/{key}",
+    )
 
 
 def saved_value(saved: Mapping[str, Any], key: str) -> Any:
@@ -54,15 +77,8 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
     known = _known_fields(cls)
     unknown = sorted(set(plan.config) - known)
     if unknown:
-        hints = {k: difflib.get_close_matches(k, sorted(known), n=1) for k in unknown}
         raise PhiRulesError(
-            Diagnostic(
-                f"{cls.__name__} has no field {k!r}" + (f"; did you mean {hints[k][0]!r}?" if hints[k] else ""),
-                w.file,
-                w.line,
-                w.column,
-                f"target/config/{k}",
-            )
+            _where(plan, k).error(f"{cls.__name__} has no field {k!r}{did_you_mean(k, known)}", "target")
             for k in unknown
         )
     kwargs = dict(plan.config)
@@ -108,13 +124,7 @@ def check_saved_config(plan: Plan, saved: Mapping[str, Any]) -> None:
     """Require every requested value in config.json where transformers looks, and mirrored copies to agree."""
     w = plan.rules.where_target
     wrong = [
-        Diagnostic(
-            f"requested {v!r} but the saved config.json holds {saved_value(saved, k)!r}",
-            w.file,
-            w.line,
-            w.column,
-            f"target/config/{k}",
-        )
+        _where(plan, k).error(f"requested {v!r} but the saved config.json holds {saved_value(saved, k)!r}", "target")
         for k, v in plan.config.items()
         if saved_value(saved, k) != v
     ]

@@ -1,0 +1,183 @@
+"""A rule document: one YAML file, or a file merged over the base it ``extends``, with every value's origin.
+
+Merging: mappings merge deeply (the file wins over its base); any other value, lists included,
+replaces the base's. ``steps`` can instead be edited by name with ``edit_steps``: an entry whose
+name is a base step's replaces it in place (or removes it with ``remove: true``); a new name is
+appended, or placed with ``before:``/``after:`` a named step. ``abstract`` is never inherited.
+Every value keeps the file, line and column it was written at, so diagnostics point there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from phi_rules.errors import Diagnostic, did_you_mean
+from phi_rules.language.located_yaml import Located, YamlSyntaxError, load_located
+from phi_rules.language.located_yaml import Path as YPath
+
+RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
+_PLACE = ("before", "after", "remove")  # edit_steps keys that say where, not what
+
+
+class LoadError(Exception):
+    def __init__(self, diagnostics: list[Diagnostic]) -> None:
+        super().__init__("\n".join(map(str, diagnostics)))
+        self.diagnostics = diagnostics
+
+
+@dataclass
+class Document:
+    """The merged document, the texts it was made from (the file first, then its bases), and whether
+    the file itself is ``abstract`` (a base for others, not converted on its own)."""
+
+    located: Located
+    texts: list[str]
+    abstract: bool
+
+
+def _error(located: Located, path: YPath, message: str, *, key: bool = False) -> LoadError:
+    file, line, col = located.position(path, key=key)
+    return LoadError([Diagnostic(message, file, line, col, "/".join(map(str, path)), "extends")])
+
+
+@cache
+def shipped_names() -> dict[str, Path]:
+    """Shipped rule files by their ``name``, for ``extends: NAME``."""
+    found: dict[str, Path] = {}
+    for f in sorted(RULES_DIR.rglob("*.yaml")):
+        try:
+            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            found.setdefault(data["name"], f)
+    return found
+
+
+def _base(path: Path, display: str, ref: str) -> tuple[Path, str] | None:
+    if "/" not in ref and not ref.endswith((".yaml", ".yml")):
+        hit = shipped_names().get(ref)
+        return (hit, str(hit)) if hit else None
+    base = path.parent / ref
+    return (base, os.path.normpath(os.path.join(os.path.dirname(display), ref))) if base.is_file() else None
+
+
+def load_document(path: Path, display: str, text: str | None = None, chain: tuple[Path, ...] = ()) -> Document:
+    """Read, parse and merge ``path`` over its bases; raises :class:`LoadError` with located diagnostics."""
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise LoadError([Diagnostic(f"cannot read rule file: {reason}", display)]) from None
+    try:
+        located = load_located(text, display)
+    except YamlSyntaxError as exc:
+        error = Diagnostic(f"YAML syntax error: {exc.message}", display, exc.line, exc.column, code="yaml")
+        raise LoadError([error]) from None
+    data = located.data
+    abstract = isinstance(data, dict) and data.get("abstract") is True
+    if not isinstance(data, dict) or "extends" not in data:
+        return Document(located, [text], abstract)
+    ref = data["extends"]
+    if not isinstance(ref, str) or not ref:
+        raise _error(located, ("extends",), "extends needs a rule file path or a shipped rule's name")
+    found = _base(path, display, ref)
+    if found is None:
+        hint = did_you_mean(ref, shipped_names()) if "/" not in ref else ""
+        raise _error(located, ("extends",), f"base rule {ref!r} not found{hint}")
+    me = path.resolve()
+    if found[0].resolve() in (*chain, me):
+        loop = " -> ".join(p.name for p in (*chain, me, found[0].resolve()))
+        raise _error(located, ("extends",), f"extends cycle: {loop}")
+    base = load_document(found[0], found[1], chain=(*chain, me))
+    merged = _merge(base.located, located)
+    _edit_steps(merged)
+    return Document(merged, [text, *base.texts], abstract)
+
+
+def _merge(base: Located, over: Located) -> Located:
+    b = {k: v for k, v in base.data.items() if k != "abstract"} if isinstance(base.data, dict) else {}
+    o = {k: v for k, v in over.data.items() if k != "extends"} if isinstance(over.data, dict) else {}
+    out = Located(None)
+    out.data = _merge_value((), b, o, base, over, out)
+    return out
+
+
+def _merge_value(path: YPath, b: object, o: object, base: Located, over: Located, out: Located) -> object:
+    if not (isinstance(b, dict) and isinstance(o, dict)):
+        out.take(over.subtree(path, path))
+        return o
+    out.values[path] = over.values.get(path) or base.position(path)
+    result: dict[str, object] = {}
+    for k, v in b.items():
+        if k in o:
+            result[k] = _merge_value((*path, k), v, o[k], base, over, out)
+            out.keys[(*path, k)] = over.position((*path, k), key=True)
+        else:
+            result[k] = v
+            out.take(base.subtree((*path, k), (*path, k)))
+    for k, v in o.items():
+        if k not in b:
+            result[k] = v
+            out.take(over.subtree((*path, k), (*path, k)))
+    return result
+
+
+def _edit_steps(doc: Located) -> None:
+    """Apply ``edit_steps`` to the inherited ``steps``, moving each step's positions with it."""
+    data = doc.data
+    if not isinstance(data, dict) or "edit_steps" not in data:
+        return
+    edits = data.pop("edit_steps")
+    steps = data.get("steps")
+    if not isinstance(edits, list) or not isinstance(steps, list):
+        raise _error(doc, ("edit_steps",), "edit_steps needs a list, and steps inherited from the base")
+    items = [(doc.subtree(("steps", i), ("_",)), s) for i, s in enumerate(steps)]
+
+    def index(name: object) -> int | None:
+        return next((i for i, (_, s) in enumerate(items) if isinstance(s, dict) and s.get("name") == name), None)
+
+    for j, edit in enumerate(edits):
+        where: YPath = ("edit_steps", j)
+        if not isinstance(edit, dict) or not isinstance(edit.get("name"), str):
+            raise _error(doc, where, "each edit_steps entry needs a name (a base step's, or a new one)")
+        at = index(edit["name"])
+        if edit.get("remove") is True:
+            if at is None:
+                raise _error(doc, (*where, "name"), f"no inherited step named {edit['name']!r} to remove")
+            del items[at]
+            continue
+        anchor = next((k for k in ("before", "after") if k in edit), None)
+        step = {k: v for k, v in edit.items() if k not in _PLACE}
+        marks = doc.subtree(where, ("_",))
+        for k in _PLACE:
+            marks.values.pop(("_", k), None)
+            marks.keys.pop(("_", k), None)
+        if at is not None and anchor is None:
+            items[at] = (marks, step)
+            continue
+        if at is not None:
+            del items[at]
+        if anchor is None:
+            items.append((marks, step))
+            continue
+        target = index(edit[anchor])
+        if target is None:
+            names = [s.get("name") for _, s in items if isinstance(s, dict) and isinstance(s.get("name"), str)]
+            hint = did_you_mean(str(edit[anchor]), names)
+            raise _error(doc, (*where, anchor), f"no step named {edit[anchor]!r} to insert {anchor}{hint}")
+        items.insert(target + (anchor == "after"), (marks, step))
+    for table in (doc.values, doc.keys):
+        for p in [p for p in table if p[:1] in (("steps",), ("edit_steps",)) and len(p) > 1]:
+            del table[p]
+    doc.keys.pop(("edit_steps",), None)
+    doc.values.pop(("edit_steps",), None)
+    data["steps"] = [s for _, s in items]
+    for i, (marks, _) in enumerate(items):
+        doc.take(marks.subtree(("_",), ("steps", i)))

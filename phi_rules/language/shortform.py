@@ -1,0 +1,99 @@
+"""The short rename form: dotted names with ``{placeholders}`` instead of regular expressions.
+
+``transformer.h.{i}.mlp.{fc:fc1|fc2}.{p}: model.layers.{i}.mlp.{fc}.{p}`` is exactly the regex form
+
+    match: 'transformer\\.h\\.(?P<i>\\d+)\\.mlp\\.(?P<fc>fc1|fc2)\\.(?P<p>[^.]+)'
+    to: 'model.layers.\\g<i>.mlp.\\g<fc>.\\g<p>'
+
+In the pattern, literal text matches itself; ``{name}`` matches one dotted segment (``[^.]+``),
+except that the index names ``i j k l m n`` match digits (``\\d+``); ``{name:int}`` matches digits
+whatever the name; ``{name:a|b}`` matches one of the listed words. In the target, ``{name}`` of a
+placeholder inserts its text; any other ``{expression}`` is computed, over config values and the
+digit placeholders (which are integers there): ``{i - 1}``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+
+from phi_rules.language import expr
+
+INDEX_NAMES = frozenset("ijklmn")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+class ShortFormError(Exception):
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.message, self.offset = message, offset
+
+
+def _literal(text: str, offset: int) -> str:
+    bad = next((i for i, ch in enumerate(text) if ch in "{}\\"), None)
+    if bad is not None:
+        raise ShortFormError(f"stray {text[bad]!r}: placeholders are written {{name}}", offset + bad)
+    return text
+
+
+def pattern(text: str) -> tuple[str, dict[str, str]]:
+    """The regular expression for a short-form pattern, and each placeholder's kind: ``int`` or ``text``."""
+    out: list[str] = []
+    kinds: dict[str, str] = {}
+    pos = 0
+    for m in _PLACEHOLDER.finditer(text):
+        out.append(re.escape(_literal(text[pos : m.start()], pos)))
+        pos = m.end()
+        name, colon, restrict = (part.strip() for part in m.group(1).partition(":"))
+        if not name.isidentifier():
+            raise ShortFormError(
+                f"bad placeholder {m.group(0)}: expected {{name}}, {{name:int}} or {{name:a|b}}", m.start()
+            )
+        if name in kinds:
+            raise ShortFormError(f"placeholder {name!r} appears twice", m.start())
+        words = restrict.split("|")
+        if restrict == "int" or (not colon and name in INDEX_NAMES):
+            kinds[name], regex = "int", r"\d+"
+        elif colon and all(w and "." not in w for w in words):
+            kinds[name], regex = "text", "|".join(map(re.escape, words))
+        elif colon:
+            raise ShortFormError(f"bad restriction in {m.group(0)}: use :int or words separated by |", m.start())
+        else:
+            kinds[name], regex = "text", r"[^.]+"
+        out.append(f"(?P<{name}>{regex})")
+    out.append(re.escape(_literal(text[pos:], pos)))
+    return "".join(out), kinds
+
+
+def target(text: str, kinds: dict[str, str], known: Collection[str]) -> str:
+    """The regex-form template for a short-form target; checks every name it reads."""
+    out: list[str] = []
+    pos = 0
+    for m in _PLACEHOLDER.finditer(text):
+        out.append(_literal(text[pos : m.start()], pos))
+        pos = m.end()
+        inner = m.group(1).strip()
+        if inner in kinds:
+            out.append(f"\\g<{inner}>")
+            continue
+        try:
+            node = expr.parse(inner)
+        except expr.ExprError as exc:
+            raise ShortFormError(f"bad expression {m.group(0)}: {exc.message}", m.start() + 1 + exc.offset) from None
+        for name in expr.names(node):
+            if kinds.get(name.name) == "text":
+                raise ShortFormError(
+                    f"placeholder type mismatch: {m.group(0)} computes with {name.name!r}, which matches text, "
+                    f"not digits (capture digits with {{{name.name}:int}})",
+                    m.start(),
+                )
+            if name.name not in kinds and name.name not in known:
+                captured = ", ".join(kinds) or "none"
+                raise ShortFormError(
+                    f"placeholder {{{name.name}}} is not captured by the pattern (its placeholders: {captured}) "
+                    "and is no config value",
+                    m.start(),
+                )
+        out.append(m.group(0))
+    out.append(_literal(text[pos:], pos))
+    return "".join(out)
