@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,10 @@ PHI2 = ROOT / "rules" / "phi-2.yaml"
 CFG = MsftConfig(vocab_size=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
 
 
-def rule_variant(tmp_path: Path, old: str, new: str, base: Path = PHI2) -> Path:
-    text = base.read_text()
-    assert old in text, old
-    path = tmp_path / "variant.yaml"
-    path.write_text(text.replace(old, new, 1).replace("$schema=../", f"$schema={ROOT}/"))
+def rule_variant(tmp_path: Path, changes: str, base: Path = PHI2, name: str = "variant.yaml") -> Path:
+    """A rule that extends ``base`` with ``changes`` (YAML), as a user writes a variant."""
+    path = tmp_path / name
+    path.write_text(f"version: 1\nname: variant\nextends: {base}\n{textwrap.dedent(changes)}")
     return path
 
 
@@ -61,7 +61,15 @@ def test_unconsumed_source_key(refused, tmp_path: Path) -> None:
 
 
 def test_two_sources_one_output(refused, tmp_path: Path) -> None:
-    rules = rule_variant(tmp_path, r"to: 'model.layers.\1.mlp.\2.\3'", r"to: 'model.layers.\1.mlp.fc1.\3'")
+    rules = rule_variant(
+        tmp_path,
+        """
+        edit_steps:
+          - name: mlp
+            before: names
+            rename: {'transformer.h.{i}.mlp.{fc}.{p}': 'model.layers.{i}.mlp.fc1.{p}'}
+        """,
+    )
     refused(
         rules,
         source(tmp_path),
@@ -73,7 +81,7 @@ def test_two_sources_one_output(refused, tmp_path: Path) -> None:
 
 
 def test_dead_rule(refused, tmp_path: Path) -> None:
-    rules = rule_variant(tmp_path, "    optional: true\n    drop:", "    drop:")
+    rules = rule_variant(tmp_path, "edit_steps: [{name: drop-rotary-buffers, drop: '.*rotary_emb.*'}]")
     err = refused(
         rules,
         source(tmp_path),
@@ -86,12 +94,12 @@ def test_dead_rule(refused, tmp_path: Path) -> None:
 
 
 def test_split_sizes_do_not_fit(refused, tmp_path: Path) -> None:
-    rules = rule_variant(tmp_path, "              - hidden_size\n", "              - hidden_size + 1\n")
+    rules = rule_variant(tmp_path, "let: {kv_size: hidden_size // num_attention_heads * num_key_value_heads + 1}")
     refused(
         rules,
         source(tmp_path),
         expect=[
-            "step 'split-qkv': for transformer.h.0.mixer.Wqkv.weight: sizes [65, 64, 64] add up to 193, but dim 0 of "
+            "step 'split-qkv': for transformer.h.0.mixer.Wqkv.weight: sizes [64, 65, 65] add up to 194, but dim 0 of "
             "shape [192, 64] is 192"
         ],
     )
@@ -144,12 +152,24 @@ def test_target_wrong_shape(refused, tmp_path: Path) -> None:
     )
 
 
-def test_unknown_target_config_field(refused, tmp_path: Path) -> None:
-    rules = rule_variant(tmp_path, "    hidden_act: activation_function", "    hiden_act: activation_function")
+def test_unknown_target_config_field_is_reported_at_its_own_line(refused, tmp_path: Path) -> None:
+    rules = rule_variant(tmp_path, "target:\n  config:\n    eos_token_id: 0\n    hiden_act: '\"gelu\"'\n")
     refused(
         rules,
         source(tmp_path),
-        expect=["target/config/hiden_act: PhiConfig has no field 'hiden_act'; did you mean 'hidden_act'?"],
+        expect=[
+            f"{rules}:7:16: target/config/hiden_act: PhiConfig has no field 'hiden_act'; did you mean 'hidden_act'?"
+        ],
+    )
+
+
+def test_config_typo_in_a_base_is_reported_in_the_base(refused, tmp_path: Path) -> None:
+    base = rule_variant(tmp_path, "target:\n  config:\n    layer_norm_epsilon: 0.5\n", name="base.yaml")
+    rules = rule_variant(tmp_path, "description: a variant of a variant\n", base=base)
+    refused(
+        rules,
+        source(tmp_path),
+        expect=[f"{base}:6:25: target/config/layer_norm_epsilon: PhiConfig has no field 'layer_norm_epsilon'"],
     )
 
 

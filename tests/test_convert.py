@@ -95,7 +95,8 @@ def test_output_metadata_records_rule_and_sources(cli, tmp_path: Path) -> None:
     with safe_open(out / "model.safetensors", "pt") as fh:
         meta = fh.metadata()
     assert meta["format"] == "pt" and meta["phi_rules.rule"] == "phi-2"
-    assert meta["phi_rules.rule_sha256"] == hashlib.sha256(PHI2.read_bytes()).hexdigest()
+    base = ROOT / "rules" / "layouts" / "phi-msft.yaml"  # the rule and the base it extends
+    assert meta["phi_rules.rule_sha256"] == hashlib.sha256(PHI2.read_bytes() + base.read_bytes()).hexdigest()
     expected = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in src.glob("*.safetensors")}
     assert json.loads(meta["phi_rules.source_sha256"]) == expected
 

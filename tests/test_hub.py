@@ -79,15 +79,16 @@ def weight_gets(hub: Hub) -> list:
     return [e for e in hub.log if e.method == "GET" and e.path.endswith(WEIGHTS)]
 
 
-def pinned_rule(tmp_path: Path, files: dict[str, bytes]) -> Path:
-    text = PHI2.read_text()
-    for name in WEIGHTS:
-        text = text.replace(
-            f"    - {name}\n", f"    - {{name: {name}, sha256: {hashlib.sha256(files[name]).hexdigest()}}}\n"
-        )
-    path = tmp_path / "pinned.yaml"
-    path.write_text(text.replace("$schema=../", f"$schema={ROOT}/"))
+def variant(tmp_path: Path, source: str) -> Path:
+    """A rule extending phi-2 with another ``source`` section (YAML flow mapping)."""
+    path = tmp_path / "variant.yaml"
+    path.write_text(f"version: 1\nname: variant\nextends: {PHI2}\nsource: {source}\n")
     return path
+
+
+def pinned_rule(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    pins = ", ".join(f"{{name: {n}, sha256: {hashlib.sha256(files[n]).hexdigest()}}}" for n in WEIGHTS)
+    return variant(tmp_path, f"{{files: [{pins}]}}")
 
 
 def test_apply_downloads_at_pinned_commit_then_works_offline(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
@@ -179,8 +180,7 @@ def assert_one_line_error(run: subprocess.CompletedProcess[str], out: Path, *pie
 
 
 def test_repository_not_found(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
-    rule = tmp_path / "r.yaml"
-    rule.write_text(PHI2.read_text().replace("repo: microsoft/phi-2", "repo: nobody/nothing"))
+    rule = variant(tmp_path, "{repo: nobody/nothing}")
     run = phi_rules_cli(hub, hf_home, "apply", rule, "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(run, tmp_path / "o", "nobody/nothing: repository not found on http://127.0.0.1:")
 
@@ -191,8 +191,7 @@ def test_revision_not_found(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
 
 
 def test_file_not_found(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
-    rule = tmp_path / "r.yaml"
-    rule.write_text(PHI2.read_text().replace("model-00002-of-00002", "model-00003-of-00002"))
+    rule = variant(tmp_path, f"{{files: [{WEIGHTS[0]}, model-00003-of-00002.safetensors]}}")
     run = phi_rules_cli(hub, hf_home, "apply", rule, "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(
         run, tmp_path / "o", f"microsoft/phi-2@{COMMIT}: file 'model-00003-of-00002.safetensors' not found"

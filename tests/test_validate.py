@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.language import expr
 from phi_rules.language.rules import SCHEMA_PATH, check_file, check_text, load_rules, rule_files
 
 SHIPPED = rule_files([ROOT / "rules"])
@@ -65,7 +66,8 @@ def test_all_errors_of_all_files_in_one_run_as_json(cli) -> None:
     code, out, _ = cli("validate", ROOT / "tests" / "broken", ROOT / "rules", "--format", "json")
     assert code == 1
     rows = json.loads(out)
-    assert {r["file"] for r in rows} == {str(p) for p in BROKEN}
+    cycle = (ROOT / "tests" / "broken" / "cycle").glob("*.yaml")
+    assert {r["file"] for r in rows} == {str(p) for p in [*BROKEN, *cycle]}
     assert all(set(r) == {"message", "file", "line", "column", "pointer", "code"} for r in rows)
     assert len(rows) >= len(BROKEN)
 
@@ -175,3 +177,47 @@ def test_mutated_valid_rules(text: str, path: list[int], value: object, delete: 
 def test_text_splices_of_valid_rules(text: str, at: int, cut: int, insert: str) -> None:
     at %= len(text)
     _assert_only_diagnostics(text[:at] + insert + text[at + cut :])
+
+
+def test_extends_cycle_through_two_files_is_located_where_it_closes(cli) -> None:
+    a, b = ROOT / "tests" / "broken" / "cycle" / "a.yaml", ROOT / "tests" / "broken" / "cycle" / "b.yaml"
+    (found,) = check_file(a)
+    assert (found.file, found.line, found.column, found.pointer) == (str(b), 3, 10, "extends")
+    assert found.message == "extends cycle: a.yaml -> b.yaml -> a.yaml"
+
+
+def test_extends_merges_and_edits_steps_by_name(tmp_path: Path) -> None:
+    base = ROOT / "rules" / "phi-2.yaml"
+    variant = tmp_path / "v.yaml"
+    variant.write_text(
+        f"version: 1\nname: v\nextends: {base}\n"
+        "source: {config_defaults: {n_embd: 64}}\n"
+        "target: {config: {hidden_act: '\"gelu\"'}}\n"
+        "edit_steps:\n"
+        "  - {name: drop-rotary-buffers, remove: true}\n"
+        "  - {name: first, before: split-qkv, drop: 'x', optional: true}\n"
+        "  - {name: split-qkv, after: names, drop: 'y', optional: true}\n"
+    )
+    rules = load_rules(variant)
+    assert [s.name for s in rules.steps] == ["first", "names", "split-qkv"]
+    assert rules.source.repo == "microsoft/phi-2" and rules.source.config_defaults["n_embd"] == 64
+    assert rules.source.config_defaults["n_layer"] == 32  # merged deeply, not replaced
+    assert rules.target.config["hidden_act"] == expr.Const("gelu")
+    assert rules.target.config_where["hidden_act"].file == str(variant)
+    assert rules.target.config_where["hidden_size"].file.endswith("layouts/phi-msft.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"version: 1\nname: v\nextends: {base}\nedit_steps:\n  - {{name: n, after: nmes, drop: x}}\n")
+    (problem,) = check_file(bad)
+    assert (
+        str(problem) == f"{bad}:5:22: edit_steps/0/after: no step named 'nmes' to insert after; did you mean 'names'?"
+    )
+
+
+def test_short_form_is_the_documented_regex_form() -> None:
+    from phi_rules.language import shortform
+
+    regex, kinds = shortform.pattern("transformer.h.{i}.mlp.{fc:fc1|fc2}.{p}")
+    assert regex == r"transformer\.h\.(?P<i>\d+)\.mlp\.(?P<fc>fc1|fc2)\.(?P<p>[^.]+)"
+    assert kinds == {"i": "int", "fc": "text", "p": "text"}
+    assert shortform.target("model.layers.{i - 1}.mlp.{fc}.{p}", kinds, ()) == r"model.layers.{i - 1}.mlp.\g<fc>.\g<p>"
+    assert shortform.pattern("a.{x:int}")[1] == {"x": "int"}

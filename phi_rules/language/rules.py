@@ -158,13 +158,10 @@ class _Checker:
         return not any(bad[: len(path)] == path or path[: len(bad)] == bad for bad in self.bad_paths)
 
     # --- schema ----------------------------------------------------------------------------------
-    def check_schema(self, *, abstract: bool = False) -> None:
-        """Schema errors; an abstract base may lack a source (the files that extend it give one)."""
+    def check_schema(self) -> None:
         validator = jsonschema.Draft202012Validator(schema())
         for err in validator.iter_errors(self.located.data):
             path = tuple(err.absolute_path)
-            if abstract and (path == ("source",) or (path == () and "'source'" in err.message)):
-                continue
             self.bad_paths.append(path)
             self._schema_error(path, err)
 
@@ -424,16 +421,19 @@ def _check(display: str, path: Path, text: str | None = None) -> tuple[list[Diag
         return exc.diagnostics, None
     located = document.located
     c = _Checker(display, located)
-    c.check_schema(abstract=document.abstract)
+    c.check_schema()
     data = located.data
     if not isinstance(data, dict):
         return c.diagnostics, None
+    raw_source = data.get("source")
+    if not document.abstract and isinstance(raw_source, dict) and not {"repo", "path"} & set(raw_source):
+        c.error(("source",), _ONE_OF_HINTS["source"], code="schema")  # a base may leave it to its extensions
+        c.bad_paths.append(("source",))
     source = None
     if c.ok(("source",)) and "source" in data and not document.abstract:
         source = _build_source(data, Path(located.position(("source",))[0]).parent)
     # Names are taken from the raw data so that a schema error in `source` does not make every
     # expression report unknown names as well.
-    raw_source = data.get("source")
     defaults = raw_source.get("config_defaults") if isinstance(raw_source, dict) else None
     source_names = {str(k): "source config" for k in (defaults if isinstance(defaults, dict) else {})}
     target = None
