@@ -195,15 +195,19 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _list() -> int:
-    from phi_rules.language.document import RULES_DIR
+    from phi_rules.language.document import RULES_DIR, LoadError, load_document
     from phi_rules.language.rules import load_rules, rule_files
 
     for f in rule_files([RULES_DIR]):
+        shown = f.relative_to(RULES_DIR.parent)
         try:
+            if load_document(f, str(f)).abstract:
+                print(f"{shown}\t(a base that other rules extend)")
+                continue
             r = load_rules(f)
-            print(f"{f.relative_to(RULES_DIR.parent)}\t{r.name}\t{' '.join(r.description.split())}")
-        except PhiRulesError as exc:
-            print(f"{f.relative_to(RULES_DIR.parent)}\t(invalid: {exc.diagnostics[0].message})")
+            print(f"{shown}\t{r.name}\t{' '.join(r.description.split())}")
+        except (PhiRulesError, LoadError) as exc:
+            print(f"{shown}\t(invalid: {exc.diagnostics[0].message})")
     return 0
 
 
