@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from phi_rules.errors import Diagnostic, PhiRulesError
-from phi_rules.options import Options
+from phi_rules.language.rules import Rules
+from phi_rules.options import Options, SourceOptions
 
 EPILOG = """\
 examples:
@@ -122,13 +123,27 @@ def _parser() -> argparse.ArgumentParser:
             help="dtype of written floating-point tensors (default: the rule's target.dtype)",
         )
 
+    d = sub.add_parser(
+        "detect",
+        help="which rule fits a checkpoint: plans every candidate on tensor names and shapes",
+        description="Plan every shipped detection candidate (one generic rule per legacy layout, and today's "
+        "layout) and any --rules against the source's tensor names and shapes, and say which fit and why "
+        "the others do not. Reads no tensor bytes and needs no torch for safetensors. Exit 0 when exactly "
+        "one rule fits, 1 otherwise.",
+    )
+    d.add_argument("source", type=Path, metavar="SRC", help="a checkpoint folder or weights file")
+    d.add_argument("--rules", type=Path, nargs="+", default=[], metavar="FILE", help="more candidate rule files")
+    d.add_argument("--json", action="store_true", help="print the verdicts as one JSON document")
+
     pl = sub.add_parser(
         "plan",
         help="dry run: plan and check on metadata only; writes nothing",
         description="Plan a conversion from tensor names, shapes and dtypes alone and check it "
         "against the target model. Hub safetensors are read by header only.",
     )
-    pl.add_argument("rules", type=Path, metavar="RULES", help="a rule file")
+    pl.add_argument(
+        "rules", type=Path, nargs="?", metavar="RULES", help="a rule file (default: the one rule that fits --source)"
+    )
     source_args(pl)
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
 
@@ -139,7 +154,13 @@ def _parser() -> argparse.ArgumentParser:
         "folder and renamed into place when complete: on any failure nothing is left "
         "at --out.",
     )
-    a.add_argument("rules", type=Path, nargs="+", metavar="RULES", help="rule file(s); several give one folder each")
+    a.add_argument(
+        "rules",
+        type=Path,
+        nargs="*",
+        metavar="RULES",
+        help="rule file(s); several give one folder each (default: the one rule that fits --source, see detect)",
+    )
     a.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (must be empty or new)")
     source_args(a)
     a.add_argument(
@@ -212,7 +233,6 @@ def _list() -> int:
 
 
 def _options(args: argparse.Namespace) -> Options:
-    from phi_rules.options import SourceOptions
 
     src = SourceOptions(args.source, args.revision, args.cache_dir, args.offline, args.token, args.tokenizer)
     extra = {}
@@ -245,13 +265,46 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
 
 
+def _detect(args: argparse.Namespace) -> int:
+    from phi_rules.detect import detect
+
+    fits = detect(args.source, Options(source=SourceOptions(source=args.source)), args.rules)
+    good = [f for f in fits if f.fits]
+    if args.json:
+        print(json.dumps({"source": str(args.source), "fits": [f.to_json() for f in fits]}, indent=2))
+        return 0 if len(good) == 1 else 1
+    rows = [(f.rules.name, f.rules.layout or "-", "yes" if f.fits else "no", f.reason) for f in fits]
+    head = ("rule", "layout", "fits", "why not")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    for r in [head, *rows]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[3]]).rstrip())
+    if len(good) == 1 and good[0].rules.converted:
+        print(f"\n{args.source}: already in today's layout: load it with from_pretrained, no conversion needed")
+    elif len(good) == 1:
+        print(f"\n{args.source}: {good[0].rules.layout} layout: phi-rules apply --source {args.source} --out DIR")
+    else:
+        print(f"\n{args.source}: {'no rule fits' if not good else 'several rules fit'}")
+    return 0 if len(good) == 1 else 1
+
+
+def _rules_for(args: argparse.Namespace, paths: list[Path]) -> list[Rules]:
+    """The named rule files, or the one that detection finds for --source."""
+    from phi_rules.detect import chosen, detect
+    from phi_rules.language.rules import load_rules
+
+    if paths:
+        return [load_rules(r) for r in paths]  # every file is checked before any work starts
+    options = _options(args)
+    return [chosen(args.source, detect(args.source, options))]
+
+
 def _plan(args: argparse.Namespace) -> int:
     from phi_rules import pipeline
 
     _quiet_libraries()
-    from phi_rules.language.rules import load_rules
 
-    result = pipeline.plan(load_rules(args.rules), _options(args), note=_note(args.json))
+    (rules,) = _rules_for(args, [args.rules] if args.rules else [])
+    result = pipeline.plan(rules, _options(args), note=_note(args.json))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
@@ -306,12 +359,11 @@ def _progress_factory(quiet: bool) -> Callable[[Any], Callable[[int], None]]:
 
 def _apply(args: argparse.Namespace) -> int:
     from phi_rules import pipeline
-    from phi_rules.language.rules import load_rules
 
     _quiet_libraries()
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    all_rules = [load_rules(r) for r in args.rules]  # every file is checked before any work starts
+    all_rules = _rules_for(args, args.rules)
     options = _options(args)
     for rules in all_rules:
         out = args.out if len(all_rules) == 1 else args.out / rules.name
@@ -331,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "apply" and len(args.rules) > 1 and args.source is not None:
         parser.error("--source takes one rule file, not several")
+    if args.command in ("apply", "plan") and not args.rules and args.source is None:
+        parser.error("give a rule file, or --source to find the rule that fits it")
     try:
         if args.command == "validate":
             return _validate(args)
@@ -341,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "list":
             return _list()
+        if args.command == "detect":
+            return _detect(args)
         return _plan(args) if args.command == "plan" else _apply(args)
     except PhiRulesError as exc:
         _print_diagnostics(exc.diagnostics)

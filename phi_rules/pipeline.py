@@ -64,6 +64,7 @@ def _planned(
 def plan(rules: Rules, options: Options | None = None, note: Callable[[str], None] = lambda _: None) -> Plan:
     """Plan and check a conversion without writing anything; hub safetensors are read by header only."""
     options = options or Options()
+    _refuse_converted(rules, options)
     if options.source.source is None and rules.source.path is None:
         tensors, resolved = remote_tensors(rules, options.source, note)
         with Checkpoint(resolved.weights) as local:
@@ -75,6 +76,14 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
     for n in resolved.notes:
         note(n)
     return _planned(rules, tensors, resolved, options)[0]
+
+
+def _refuse_converted(rules: Rules, options: Options) -> None:
+    """A rule for today's layout exists to be detected, not applied."""
+    if rules.converted:
+        from phi_rules.detect import already_converted
+
+        raise PhiRulesError(already_converted(options.source.source or rules.display, rules))
 
 
 @contextlib.contextmanager
@@ -147,6 +156,7 @@ def convert(
 ) -> Plan:
     """Convert one rule's source into ``out``, a folder ``from_pretrained`` loads; returns the plan used."""
     options = options or Options()
+    _refuse_converted(rules, options)
     out = Path(out)
     _prepare_destination(out, options.force)
     _check_device(options.device)

@@ -134,6 +134,93 @@ def write_checkpoint(
     return folder
 
 
+# The seed's mapping and convert_weights, as in transformers' old convert_phi_weights_to_hf.py: what
+# transformers 4.35/4.36 then saved for every Phi fine-tune (the third legacy layout).
+PHI_MAPPING = {
+    "transformer.embd.wte.weight": "model.embed_tokens.weight",
+    "lm_head.linear": "lm_head",
+    "lm_head.ln": "model.final_layernorm",
+    "layers": "model.layers",
+    "transformer": "model",
+    ".h.": ".layers.",
+    "ln": "input_layernorm",
+    "mixer": "self_attn",
+    "Wqkv": "query_key_value",
+    "out_proj": "dense",
+}
+
+
+class SeedConfig:
+    def __init__(self, num_attention_heads: int, hidden_size: int) -> None:
+        self.num_attention_heads, self.hidden_size = num_attention_heads, hidden_size
+
+
+def seed_convert_weights(original_weights, mapping, config):
+    converted_weights = {}
+    original_weights_keys = sorted(original_weights.keys())
+    for original_weights_key in original_weights_keys:
+        new_key = original_weights_key
+        if "rotary_emb" in new_key:
+            continue
+        if "Wqkv" in new_key:
+            if "weight" in new_key:
+                weight = original_weights[new_key]
+                weights_shape = weight.shape
+                weight = (
+                    weight.view(3, config.num_attention_heads, -1, config.hidden_size)
+                    .transpose(0, 1)
+                    .reshape(*weights_shape)
+                )
+                original_weights[new_key] = weight
+            elif "bias" in new_key:
+                bias = original_weights[new_key]
+                bias_shape = bias.shape
+                bias = bias.view(3, config.num_attention_heads, -1).transpose(0, 1).reshape(*bias_shape)
+                original_weights[new_key] = bias
+        for k, v in mapping.items():
+            if k in new_key:
+                new_key = new_key.replace(k, v)
+        converted_weights[new_key] = original_weights.pop(original_weights_key)
+    return converted_weights
+
+
+def to_transformers_436(state: dict[str, torch.Tensor], cfg: MsftConfig) -> dict[str, torch.Tensor]:
+    """The same weights in the transformers 4.36 layout, exactly as the seed converted them."""
+    return seed_convert_weights(
+        {k: v.clone() for k, v in state.items()}, PHI_MAPPING, SeedConfig(cfg.n_head, cfg.n_embd)
+    )
+
+
+def config_436(cfg: MsftConfig) -> dict[str, object]:
+    """A config.json as transformers 4.36 saved it: model_type phi, partial_rotary_factor, no KV heads."""
+    return {
+        "model_type": "phi",
+        "architectures": ["PhiForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.n_inner or 4 * cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "resid_pdrop": 0.1,
+        "embd_pdrop": 0.0,
+        "attention_dropout": 0.0,
+        "hidden_act": "gelu_new",
+        "max_position_embeddings": cfg.n_positions,
+        "initializer_range": 0.02,
+        "layer_norm_eps": cfg.layer_norm_epsilon,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim,
+        "qk_layernorm": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+        "transformers_version": "4.36.2",
+    }
+
+
 def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)

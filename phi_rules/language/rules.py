@@ -124,6 +124,9 @@ class Rules:
     let_where: Mapping[str, Where]
     steps: tuple[Step, ...]
     where_target: Where = field(compare=False)
+    layout: str = ""
+    detect: bool = False  # a candidate for detection: the generic rule of its layout
+    converted: bool = False  # its layout is the target's own: nothing to convert
 
 
 def _pointer(path: Iterable[str | int]) -> str:
@@ -464,6 +467,9 @@ def _check(display: str, path: Path, text: str | None = None) -> tuple[list[Diag
         {k: c.where(("let", k)) for k in lets},
         tuple(s for s in steps if s is not None),
         c.where(("target",)),
+        data.get("layout", ""),
+        data.get("detect", False),
+        data.get("converted", False),
     )
     return [], rules
 

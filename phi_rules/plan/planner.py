@@ -99,6 +99,7 @@ class Plan:
     tensors: list[PlannedTensor]
     source_names: list[str]
     problems: list[Diagnostic] = field(default_factory=list)
+    unconsumed: list[str] = field(default_factory=list)  # source tensors no step touched
 
     @property
     def total_bytes(self) -> int:
@@ -318,4 +319,4 @@ def make_plan(
         PlannedTensor(n, e.value, e.shape, out_dtype if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.steps)
         for n, e in final.items()
     ]
-    return Plan(rules, src, config, planned, list(tensors), problems)
+    return Plan(rules, src, config, planned, list(tensors), problems, untouched)

@@ -1,0 +1,103 @@
+"""Which rule fits a checkpoint: plan every candidate on the source's names and shapes, torch-free.
+
+Candidates are the shipped rules marked ``detect: true`` (one generic rule per layout, today's
+layout included, marked ``converted``) plus any the user names. A rule fits when its plan has no
+problem: every source tensor consumed, no dead step, every op fitting its shapes. Tensor bytes are
+never read (a ``.bin`` is a pickle, so reading its names loads it; safetensors give headers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.language.document import RULES_DIR, load_document
+from phi_rules.language.rules import Rules, load_rules, rule_files
+from phi_rules.options import Options
+from phi_rules.plan.planner import Plan, make_plan
+from phi_rules.source.checkpoint import Checkpoint
+from phi_rules.source.header import TensorInfo
+from phi_rules.source.resolve import ResolvedSource, resolve
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One candidate's verdict: ``reason`` is its first problem, empty when it fits."""
+
+    rules: Rules
+    reason: str
+
+    @property
+    def fits(self) -> bool:
+        return not self.reason
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "rule": self.rules.name,
+            "file": self.rules.display,
+            "layout": self.rules.layout,
+            "fits": self.fits,
+            "converted": self.rules.converted,
+            "reason": self.reason or None,
+        }
+
+
+def candidates(extra: Sequence[Path] = ()) -> list[Rules]:
+    """The shipped detection candidates, then the user's rules (every file checked first)."""
+    shipped = []
+    for f in rule_files([RULES_DIR]):
+        document = load_document(f, str(f))
+        data = document.located.data
+        if not document.abstract and isinstance(data, dict) and data.get("detect") is True:
+            shipped.append(load_rules(f))
+    return shipped + [load_rules(f) for f in extra]
+
+
+def _reason(plan: Plan) -> str:
+    if plan.unconsumed:
+        return f"{len(plan.unconsumed)} source tensor(s) no step consumes, first: {plan.unconsumed[0]}"
+    first = plan.problems[0].message
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def detect(source: Path, options: Options, extra: Sequence[Path] = ()) -> list[Fit]:
+    """Every candidate's verdict for a local source (a folder or one weights file)."""
+    read: dict[tuple[Path, ...], tuple[dict[str, TensorInfo], ResolvedSource]] = {}
+    fits = []
+    for rules in candidates(extra):
+        try:
+            resolved = resolve(rules, options.source)
+            if resolved.weights not in read:
+                with Checkpoint(resolved.weights) as ckpt:
+                    read[resolved.weights] = (dict(ckpt.tensors), resolved)
+            tensors, _ = read[resolved.weights]
+            plan = make_plan(rules, tensors, resolved.config(), options.overrides)
+        except PhiRulesError as exc:
+            fits.append(Fit(rules, exc.diagnostics[0].message))
+            continue
+        fits.append(Fit(rules, _reason(plan) if plan.problems else ""))
+    if not read:
+        raise PhiRulesError(f"{source}: no candidate rule could read it: {fits[0].reason if fits else 'none given'}")
+    return fits
+
+
+def chosen(source: Path, fits: list[Fit]) -> Rules:
+    """The one rule that fits, or every verdict as the error (none, several, or already converted)."""
+    good = [f for f in fits if f.fits]
+    if len(good) == 1 and good[0].rules.converted:
+        raise PhiRulesError(already_converted(source, good[0].rules))
+    if len(good) == 1:
+        return good[0].rules
+    what = "no rule fits" if not good else f"{len(good)} rules fit ({', '.join(f.rules.name for f in good)})"
+    summary = Diagnostic(f"{source}: {what}; name the rule to use (or add candidates with --rules FILE)")
+    verdicts = [Diagnostic(f"{f.rules.name} ({f.rules.display}): {'fits' if f.fits else f.reason}") for f in fits]
+    raise PhiRulesError([summary, *verdicts])
+
+
+def already_converted(source: object, rules: Rules) -> str:
+    return (
+        f"{source}: already in transformers' {rules.target.architecture} layout: it needs no conversion; "
+        "load it with from_pretrained"
+    )

@@ -1,0 +1,146 @@
+"""Every legacy layout converts with no rule named: detection picks the rule, and the output computes
+the original function. Checkpoints are random, in each layout, made by tests/phi_reference.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from phi_reference import (
+    MsftConfig,
+    assert_same_function,
+    config_436,
+    random_state,
+    to_mixformer,
+    to_transformers_436,
+    write_checkpoint,
+)
+from safetensors.torch import load_file
+
+HEAD64 = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=2, rotary_dim=32)
+HEAD80 = MsftConfig(vocab_size=80, n_embd=160, n_layer=2, n_head=2, rotary_dim=32, n_inner=200)
+
+
+def msft(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConfig, fmt: str, shards: int) -> Path:
+    return write_checkpoint(folder, state, cfg, fmt, shards)
+
+
+def mixformer(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConfig, fmt: str, shards: int) -> Path:
+    return write_checkpoint(folder, to_mixformer(state, cfg.n_layer), cfg, fmt, shards)
+
+
+def transformers_436(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConfig, fmt: str, shards: int) -> Path:
+    write_checkpoint(folder, to_transformers_436(state, cfg), None, fmt, shards)
+    (folder / "config.json").write_text(json.dumps(config_436(cfg), indent=2))
+    return folder
+
+
+Writer = Callable[[Path, dict[str, torch.Tensor], MsftConfig, str, int], Path]
+LAYOUTS: dict[str, tuple[Writer, str]] = {
+    "phi-msft": (msft, "phi-2"),
+    "mixformer-sequential": (mixformer, "phi-1_5-mixformer-sequential"),
+    "transformers-4.36": (transformers_436, "phi-transformers-4.36"),
+}
+CASES = [
+    ("bin-fp32-head64", HEAD64, torch.float32, "bin", 1),
+    ("safetensors-fp16-head80", HEAD80, torch.float16, "safetensors", 1),
+    ("sharded-bf16-head80", HEAD80, torch.bfloat16, "safetensors", 3),
+    ("sharded-fp32-head64", HEAD64, torch.float32, "safetensors", 2),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("cfg", "dtype", "fmt", "shards"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_converts_with_no_rule_named(
+    cli, tmp_path: Path, layout: str, cfg: MsftConfig, dtype: torch.dtype, fmt: str, shards: int
+) -> None:
+    write, rule = LAYOUTS[layout]
+    state = random_state(cfg, dtype, inv_freq=fmt == "bin", seed=3)
+    src = write(tmp_path / "src", state, cfg, fmt, shards)
+    code, out, err = cli("detect", src)
+    assert code == 0, out + err
+    assert [line.split()[0] for line in out.splitlines()[1:5] if line.split()[2:3] == ["yes"]] == [rule]
+    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    assert_same_function(tmp_path / "out", state, cfg)
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["partial_rotary_factor"] == pytest.approx(cfg.rotary_dim / cfg.head_dim)
+
+
+def test_plan_without_a_rule(cli, tmp_path: Path) -> None:
+    src = mixformer(tmp_path / "src", random_state(HEAD64, seed=1), HEAD64, "safetensors", 1)
+    code, out, err = cli("plan", "--source", src, "--json")
+    assert code == 0, err
+    assert json.loads(out)["rule"] == "phi-1_5-mixformer-sequential"
+
+
+def test_seed_round_trip_is_bit_identical_to_the_direct_conversion(cli, tmp_path: Path) -> None:
+    """original -> seed-compat (the 4.36 layout, as the seed wrote it) -> 4.36 rule == original -> phi-2 rule."""
+    state = random_state(HEAD80, torch.float16, inv_freq=True, seed=21)
+    src = msft(tmp_path / "src", state, HEAD80, "bin", 1)
+    seed = ROOT / "rules" / "seed-compat" / "phi-2.yaml"
+    assert cli("apply", seed, "--source", src, "--out", tmp_path / "seed", "--quiet")[0] == 0
+    assert cli("apply", "--source", tmp_path / "seed", "--out", tmp_path / "back", "--quiet")[0] == 0
+    assert cli("apply", ROOT / "rules" / "phi-2.yaml", "--source", src, "--out", tmp_path / "direct")[0] == 0
+    back, direct = (
+        load_file(tmp_path / "back" / "model.safetensors"),
+        load_file(tmp_path / "direct" / "model.safetensors"),
+    )
+    assert sorted(back) == sorted(direct)
+    for name, tensor in direct.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name].view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_already_converted_folder(cli, tmp_path: Path) -> None:
+    src = msft(tmp_path / "src", random_state(HEAD64, seed=2), HEAD64, "safetensors", 1)
+    assert cli("apply", "--source", src, "--out", tmp_path / "converted", "--quiet")[0] == 0
+    code, out, _ = cli("detect", tmp_path / "converted")
+    assert code == 0 and "already in today's layout" in out
+    code, _, err = cli("apply", "--source", tmp_path / "converted", "--out", tmp_path / "again")
+    assert code == 1 and not (tmp_path / "again").exists()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {tmp_path / 'converted'}: already in transformers' PhiForCausalLM layout: it needs no conversion; "
+        "load it with from_pretrained"
+    ]
+
+
+def test_unrelated_tensors_fit_nothing(cli, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    (tmp_path / "src").mkdir()
+    save_file(
+        {"encoder.block.0.weight": torch.zeros(2, 2), "decoder.head": torch.zeros(3)},
+        tmp_path / "src" / "model.safetensors",
+    )
+    code, out, _ = cli("detect", tmp_path / "src")
+    assert code == 1
+    rows = out.splitlines()[1:5]
+    assert len(rows) == 4 and all(" no " in r and "no step consumes, first:" in r for r in rows), rows
+    code, _, err = cli("apply", "--source", tmp_path / "src", "--out", tmp_path / "out")
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert (
+        err.splitlines()[0]
+        == f"error: {tmp_path / 'src'}: no rule fits; name the rule to use (or add candidates with --rules FILE)"
+    )
+    assert len(err.splitlines()) == 5 and "Traceback" not in err
+    code, out, _ = cli("detect", tmp_path / "src", "--json")
+    assert code == 1 and not any(f["fits"] for f in json.loads(out)["fits"])
+
+
+def test_detect_reads_no_bytes_and_imports_no_torch(tmp_path: Path) -> None:
+    src = transformers_436(tmp_path / "src", random_state(HEAD64, seed=4), HEAD64, "safetensors", 2)
+    program = (
+        "import sys; from phi_rules.cli import main; code = main(['detect', sys.argv[1]]); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))); sys.exit(code)"
+    )
+    run = subprocess.run([sys.executable, "-c", program, str(src)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "[]"
+    assert "phi-transformers-4.36" in run.stdout
