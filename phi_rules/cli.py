@@ -13,6 +13,7 @@ from typing import Any
 from phi_rules.errors import Diagnostic, PhiRulesError
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options, SourceOptions
+from phi_rules.source.resolve import source_argument
 
 EPILOG = """\
 examples:
@@ -96,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument(
             "--source",
             type=Path,
-            metavar="PATH",
-            help="a local folder (weights found like from_pretrained finds them) or one weights file",
+            metavar="PATH|OWNER/NAME@REV",
+            help="a local folder (weights found like from_pretrained finds them), one weights file, or a hub "
+            "repository owner/name@revision (a branch is resolved to its commit)",
         )
         g.add_argument("--revision", help="hub commit, tag or branch instead of the rule's pinned revision")
         g.add_argument("--cache-dir", type=Path, metavar="DIR", help="hub cache (default: HF_HUB_CACHE)")
@@ -131,9 +133,14 @@ def _parser() -> argparse.ArgumentParser:
         "the others do not. Reads no tensor bytes and needs no torch for safetensors. Exit 0 when exactly "
         "one rule fits, 1 otherwise.",
     )
-    d.add_argument("source", type=Path, metavar="SRC", help="a checkpoint folder or weights file")
+    d.add_argument(
+        "source", type=Path, metavar="SRC", help="a checkpoint folder or weights file, or a hub repo owner/name@rev"
+    )
     d.add_argument("--rules", type=Path, nargs="+", default=[], metavar="FILE", help="more candidate rule files")
     d.add_argument("--json", action="store_true", help="print the verdicts as one JSON document")
+    d.add_argument("--cache-dir", type=Path, metavar="DIR", help="hub cache (default: HF_HUB_CACHE)")
+    d.add_argument("--offline", action="store_true", help="use only the hub cache (like HF_HUB_OFFLINE=1)")
+    d.add_argument("--token", help="hub token for private or gated repos")
 
     pl = sub.add_parser(
         "plan",
@@ -234,7 +241,8 @@ def _list() -> int:
 
 def _options(args: argparse.Namespace) -> Options:
 
-    src = SourceOptions(args.source, args.revision, args.cache_dir, args.offline, args.token, args.tokenizer)
+    path, hub = source_argument(str(args.source)) if args.source is not None else (None, None)
+    src = SourceOptions(path, hub, args.revision, args.cache_dir, args.offline, args.token, args.tokenizer)
     extra = {}
     if args.command == "apply":
         extra = {
@@ -268,7 +276,9 @@ def _quiet_libraries() -> None:
 def _detect(args: argparse.Namespace) -> int:
     from phi_rules.detect import detect
 
-    fits = detect(args.source, Options(source=SourceOptions(source=args.source)), args.rules)
+    path, hub = source_argument(str(args.source))
+    options = Options(source=SourceOptions(path, hub, None, args.cache_dir, args.offline, args.token))
+    fits = detect(args.source, options, args.rules)
     good = [f for f in fits if f.fits]
     if args.json:
         print(json.dumps({"source": str(args.source), "fits": [f.to_json() for f in fits]}, indent=2))

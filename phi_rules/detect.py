@@ -17,9 +17,8 @@ from phi_rules.language.document import RULES_DIR, load_document
 from phi_rules.language.rules import Rules, load_rules, rule_files
 from phi_rules.options import Options
 from phi_rules.plan.planner import Plan, make_plan
-from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.header import TensorInfo
-from phi_rules.source.resolve import ResolvedSource, resolve
+from phi_rules.source.resolve import ResolvedSource
 
 
 @dataclass(frozen=True)
@@ -62,17 +61,18 @@ def _reason(plan: Plan) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
-def detect(source: Path, options: Options, extra: Sequence[Path] = ()) -> list[Fit]:
-    """Every candidate's verdict for a local source (a folder or one weights file)."""
-    read: dict[tuple[Path, ...], tuple[dict[str, TensorInfo], ResolvedSource]] = {}
+def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list[Fit]:
+    """Every candidate's verdict for a source: a folder, a weights file, or a hub repository."""
+    from phi_rules.pipeline import source_tensors
+
+    read: dict[object, tuple[dict[str, TensorInfo], ResolvedSource]] = {}
     fits = []
     for rules in candidates(extra):
         try:
-            resolved = resolve(rules, options.source)
-            if resolved.weights not in read:
-                with Checkpoint(resolved.weights) as ckpt:
-                    read[resolved.weights] = (dict(ckpt.tensors), resolved)
-            tensors, _ = read[resolved.weights]
+            key = (rules.source.files, rules.source.config_file)  # what a rule reads of the source
+            if key not in read:
+                read[key] = source_tensors(rules, options, lambda _: None)
+            tensors, resolved = read[key]
             plan = make_plan(rules, tensors, resolved.config(), options.overrides)
         except PhiRulesError as exc:
             fits.append(Fit(rules, exc.diagnostics[0].message))
@@ -83,7 +83,7 @@ def detect(source: Path, options: Options, extra: Sequence[Path] = ()) -> list[F
     return fits
 
 
-def chosen(source: Path, fits: list[Fit]) -> Rules:
+def chosen(source: object, fits: list[Fit]) -> Rules:
     """The one rule that fits, or every verdict as the error (none, several, or already converted)."""
     good = [f for f in fits if f.fits]
     if len(good) == 1 and good[0].rules.converted:

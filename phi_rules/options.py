@@ -14,6 +14,7 @@ class SourceOptions:
     """Command-line overrides of a rule's source."""
 
     source: Path | None = None
+    hub: str | None = None  # --source owner/name[@revision]: a hub repository instead of a folder
     revision: str | None = None
     cache_dir: Path | None = None
     offline: bool = False

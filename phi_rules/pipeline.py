@@ -61,18 +61,25 @@ def _planned(
     return result, checked(result, floats.pop() if len(floats) == 1 else None)
 
 
+def source_tensors(
+    rules: Rules, options: Options, note: Callable[[str], None]
+) -> tuple[dict[str, TensorInfo], ResolvedSource]:
+    """The source's tensor metadata without reading tensor bytes: hub safetensors by header only."""
+    src = options.source
+    if src.source is None and (src.hub is not None or rules.source.path is None):
+        tensors, resolved = remote_tensors(rules, src, note)
+        with Checkpoint(resolved.weights) as local:
+            return {**tensors, **local.tensors}, resolved
+    resolved = resolve(rules, src)
+    with Checkpoint(resolved.weights) as ckpt:
+        return dict(ckpt.tensors), resolved
+
+
 def plan(rules: Rules, options: Options | None = None, note: Callable[[str], None] = lambda _: None) -> Plan:
     """Plan and check a conversion without writing anything; hub safetensors are read by header only."""
     options = options or Options()
     _refuse_converted(rules, options)
-    if options.source.source is None and rules.source.path is None:
-        tensors, resolved = remote_tensors(rules, options.source, note)
-        with Checkpoint(resolved.weights) as local:
-            tensors = {**tensors, **local.tensors}
-    else:
-        resolved = resolve(rules, options.source)
-        with Checkpoint(resolved.weights) as ckpt:
-            tensors = dict(ckpt.tensors)
+    tensors, resolved = source_tensors(rules, options, note)
     for n in resolved.notes:
         note(n)
     return _planned(rules, tensors, resolved, options)[0]

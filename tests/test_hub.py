@@ -25,6 +25,7 @@ PHI2 = ROOT / "rules" / "phi-2.yaml"
 COMMIT = "834565c23f9b28b96ccbeabe614dd906b6db551a"
 MAIN = "c0ffee" + "0" * 34
 PHI1_COMMIT = "1" * 40
+FINETUNE = "f1" * 20
 WEIGHTS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
 
@@ -44,7 +45,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes
     assert set(WEIGHTS) <= set(main)  # like the hub's main today: converted weights under the old names
     state = random_state(TINY, torch.float16, inv_freq=True, seed=2024)
     phi1 = write_checkpoint(root / "phi-1", state, TINY, "bin")
-    return {"phi-2": phi2, "main": main, "phi-1": {f.name: f.read_bytes() for f in phi1.iterdir()}}
+    finetune = {f.name: f.read_bytes() for f in (root / "phi-2").iterdir()}  # with its index, as fine-tunes are
+    return {
+        "phi-2": phi2,
+        "main": main,
+        "phi-1": {f.name: f.read_bytes() for f in phi1.iterdir()},
+        "finetune": finetune,
+    }
 
 
 @pytest.fixture
@@ -53,6 +60,7 @@ def hub(files: dict[str, dict[str, bytes]]) -> Iterator[Hub]:
     server.add("microsoft/phi-2", COMMIT, files["phi-2"], branches=("original",))
     server.add("microsoft/phi-2", MAIN, files["main"], branches=("main",))
     server.add("microsoft/phi-1", PHI1_COMMIT, files["phi-1"], branches=("main",))
+    server.add("someone/phi-2-finetune", FINETUNE, files["finetune"], branches=("main",))
     server.start()
     yield server
     server.stop()
@@ -284,3 +292,23 @@ def test_tokenizer_from_a_hub_repository(hub: Hub, hf_home: Path, tmp_path: Path
         "tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, added_tokens.json, special_tokens_map.json, "
         "tokenizer.model"
     )
+
+
+def test_hub_source_with_no_rule_named(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
+    """A community fine-tune on the hub: one command, the layout detected from headers, the branch pinned."""
+    out = tmp_path / "out"
+    run = phi_rules_cli(hub, hf_home, "plan", "--source", "someone/phi-2-finetune@main", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["rule"] == "phi-2"
+    assert all(e.range and e.sent <= 100_001 for e in weight_gets(hub))  # headers only, by range requests
+    run = phi_rules_cli(hub, hf_home, "apply", "--source", "someone/phi-2-finetune@main", "--out", out)
+    assert run.returncode == 0, run.stderr
+    assert f"note: someone/phi-2-finetune@main is commit {FINETUNE}" in run.stderr
+    assert_same_function(out, random_state(TINY, torch.float16, seed=2024), TINY)
+    with safe_open(out / "model.safetensors", "pt") as fh:
+        assert fh.metadata()["phi_rules.source"] == f"someone/phi-2-finetune@{FINETUNE}"
+    run = phi_rules_cli(hub, hf_home, "detect", "someone/phi-2-finetune@main")
+    assert run.returncode == 0 and "phi-msft layout" in run.stdout
+    missing = phi_rules_cli(hub, hf_home, "apply", "--source", "someone/nothing@main", "--out", tmp_path / "o")
+    assert missing.returncode == 1 and not (tmp_path / "o").exists()
+    assert "someone/nothing: repository not found" in missing.stderr and "Traceback" not in missing.stderr

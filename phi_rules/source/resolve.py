@@ -52,6 +52,7 @@ class ResolvedSource:
     extras: tuple[Path, ...]
     pins: dict[Path, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    files: tuple[FileSpec, ...] = ()  # for hub sources: the weight files as named in the repository
 
     def has_tokenizer(self) -> bool:
         """Whether the extra files make a tokenizer that transformers (and so vLLM, llama.cpp) can load."""
@@ -122,23 +123,36 @@ class Hasher:
 
 
 # --- local folders ---------------------------------------------------------------------------------
+WEIGHT_NAMES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+def _index_files(index: Path) -> list[str]:
+    """The shard names an index lists, each a plain file name beside it (never a path out of the folder)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PhiRulesError(f"{index}: not a valid index file ({type(exc).__name__}: {exc})") from None
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in (".", "..")]
+    if bad:
+        raise PhiRulesError(f"{index}: weight_map names {bad[0]!r}, which is not a file beside the index")
+    return names
+
+
 def _weights_in_folder(folder: Path, rules: Rules) -> list[Path]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise PhiRulesError(f"{folder / index}: not a valid index file ({exc})") from None
-            return [folder / f for f in dict.fromkeys(weight_map.values())]
-        single = folder / index.removesuffix(".index.json")
-        if single.is_file():
-            return [single]
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return [folder / f for f in _index_files(folder / name)] if name.endswith(".json") else [folder / name]
     named = [folder / f.name for f in rules.source.files if (folder / f.name).is_file()]
     if named:
         return named
     raise PhiRulesError(
-        f"{folder}: no weights found: looked for model.safetensors.index.json, model.safetensors, "
-        f"pytorch_model.bin.index.json, pytorch_model.bin and the rule's files "
+        f"{folder}: no weights found: looked for {', '.join(WEIGHT_NAMES)} and the rule's files "
         f"({', '.join(f.name for f in rules.source.files) or 'none'})"
     )
 
@@ -261,28 +275,82 @@ def _commit_of(path: Path, filename: str) -> str:
     return path.parents[len(Path(filename).parts) - 1].name
 
 
+def source_argument(text: str) -> tuple[Path | None, str | None]:
+    """``--source``: an existing path, else a hub repository ``owner/name[@revision]``, else a missing path."""
+    path = Path(text)
+    if not path.exists() and _HUB_ID.fullmatch(text):
+        return None, text
+    return path, None
+
+
+@dataclass(frozen=True)
+class _Hub:
+    """Which hub repository and files: the rule's, or those of ``--source owner/name@revision``."""
+
+    repo: str
+    revision: str
+    files: tuple[FileSpec, ...] | None  # None: found like from_pretrained finds them
+
+
+def _hub(rules: Rules, opts: SourceOptions) -> _Hub:
+    if opts.hub is None:
+        return _Hub(str(rules.source.repo), _revision(rules, opts), rules.source.files)
+    m = _HUB_ID.fullmatch(opts.hub)
+    assert m is not None
+    return _Hub(m.group("repo"), m.group("revision") or opts.revision or "main", None)
+
+
+def _exists(hub: _Hub, name: str, opts: SourceOptions) -> bool:
+    from huggingface_hub import HfApi, constants
+
+    if opts.offline or constants.HF_HUB_OFFLINE:
+        return _download(hub.repo, opts, hub.revision, FileSpec(name), required=False) is not None
+    with hub_errors(hub.repo, hub.revision, name, opts):
+        return HfApi(token=opts.token).file_exists(hub.repo, name, revision=hub.revision)
+
+
+def _weight_files(hub: _Hub, opts: SourceOptions) -> tuple[FileSpec, ...]:
+    """The weights in from_pretrained's order: an index and its shards, or a single file."""
+    if hub.files is not None:
+        return hub.files
+    for name in WEIGHT_NAMES:
+        if not name.endswith(".index.json"):
+            if _exists(hub, name, opts):
+                return (FileSpec(name),)
+            continue
+        index = _download(hub.repo, opts, hub.revision, FileSpec(name), required=False)
+        if index is not None:
+            return tuple(FileSpec(f) for f in _index_files(index))
+    raise PhiRulesError(f"{hub.repo}@{hub.revision}: no weights found: looked for {', '.join(WEIGHT_NAMES)}")
+
+
 def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> ResolvedSource:
-    """Download (or find in the cache) the rule's files at the pinned revision."""
-    revision = _revision(rules, opts)
+    """Download (or find in the cache) the source's files at its revision; ``weights=False``: all but weights."""
+    hub = _hub(rules, opts)
+    files = _weight_files(hub, opts)
     src = rules.source
-    repo = str(src.repo)
-    paths = [_download(repo, opts, revision, f, required=True) for f in src.files] if weights else []
-    config = _download(repo, opts, revision, FileSpec(src.config_file), required=False)
-    extras = [(f, _download(repo, opts, revision, f, required=False)) for f in src.extra_files]
+    paths = [_download(hub.repo, opts, hub.revision, f, required=True) for f in files] if weights else []
+    config = _download(hub.repo, opts, hub.revision, FileSpec(src.config_file), required=False)
+    extras = [(f, _download(hub.repo, opts, hub.revision, f, required=False)) for f in src.extra_files]
+    where = f"{hub.repo}@{hub.revision}"
     absent = [f.name for f, p in extras if p is None]
-    notes = [f"not in {src.repo}@{revision}, not copied: {', '.join(absent)}"] if absent else []
+    notes = [f"not in {where}, not copied: {', '.join(absent)}"] if absent else []
     if config is None:
-        notes.append(f"{src.config_file}: not in {src.repo}@{revision}: using the rule's config_defaults")
-    commit = _commit_of(paths[0], src.files[0].name) if paths else revision
-    pins = {p: f.sha256 for f, p in [*zip(src.files, paths, strict=False), *extras] if p is not None and f.sha256}
+        notes.append(f"{src.config_file}: not in {where}: using the rule's config_defaults")
+    first = next((p for p in [*paths, config, *(p for _, p in extras)] if p is not None), None)
+    commit = _commit_of(first, first.name) if first is not None else hub.revision
+    if commit != hub.revision:
+        notes.append(f"{where} is commit {commit}")
+    pins = {p: f.sha256 for f, p in [*zip(files, paths, strict=False), *extras] if p is not None and f.sha256}
     return ResolvedSource(
-        f"{src.repo}@{commit}",
+        f"{hub.repo}@{commit}",
         commit,
         tuple(p for p in paths if p),
         config,
         tuple(p for _, p in extras if p is not None),
         pins,
         tuple(notes),
+        files,
     )
 
 
@@ -290,7 +358,7 @@ def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
     """The one way in: ``--source`` beats the rule's ``path``, which beats its hub ``repo``."""
     if opts.source is not None:
         resolved = resolve_local(rules, opts.source)
-    elif rules.source.path is not None:
+    elif rules.source.path is not None and opts.hub is None:
         resolved = resolve_local(rules, rules.source.path)
     else:
         resolved = resolve_hub(rules, opts)
@@ -327,28 +395,21 @@ def remote_tensors(
     from huggingface_hub import HfApi
 
     resolved = resolve_hub(rules, opts, weights=False)
-    revision = str(resolved.revision)  # without weights downloaded, the revision as given
+    hub = _hub(rules, opts)
+    revision = str(resolved.revision)
     api = HfApi(token=opts.token)
     tensors: dict[str, TensorInfo] = {}
     local: list[Path] = []
-    for spec in rules.source.files:
+    for spec in resolved.files:
         if not spec.name.endswith(".safetensors"):
             note(f"{spec.name}: a pickle has no header to read remotely: downloading it in full")
-            local.append(_download(str(rules.source.repo), opts, revision, spec, required=True))  # type: ignore[arg-type]
+            local.append(_download(hub.repo, opts, revision, spec, required=True))  # type: ignore[arg-type]
             continue
-        with hub_errors(str(rules.source.repo), revision, spec.name, opts):
-            meta = api.parse_safetensors_file_metadata(str(rules.source.repo), spec.name, revision=revision)
+        with hub_errors(hub.repo, revision, spec.name, opts):
+            meta = api.parse_safetensors_file_metadata(hub.repo, spec.name, revision=revision)
         header = {
             name: {"dtype": t.dtype, "shape": t.shape, "data_offsets": list(t.data_offsets)}
             for name, t in meta.tensors.items()
         }
-        tensors.update(parse_safetensors_header(json.dumps(header).encode(), f"{rules.source.repo}/{spec.name}"))
-    return tensors, ResolvedSource(
-        resolved.origin,
-        resolved.revision,
-        tuple(local),
-        resolved.config_path,
-        resolved.extras,
-        resolved.pins,
-        resolved.notes,
-    )
+        tensors.update(parse_safetensors_header(json.dumps(header).encode(), f"{hub.repo}/{spec.name}"))
+    return tensors, replace(resolved, weights=tuple(local))
