@@ -142,6 +142,20 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--offline", action="store_true", help="use only the hub cache (like HF_HUB_OFFLINE=1)")
     d.add_argument("--token", help="hub token for private or gated repos")
 
+    ve = sub.add_parser(
+        "verify",
+        help="prove a conversion by its function: the original architecture vs the converted folder",
+        description="Run the original Phi architecture (a reference written from its description, reading the "
+        "source by its original names and sizes from its own config.json, never from the rule) and the converted "
+        "folder through transformers, on the same token ids, layer by layer in float32, and compare. Exit 0 when "
+        "every part is within tolerance, 1 naming the first part that diverges.",
+    )
+    ve.add_argument("out", type=Path, metavar="OUT", help="the converted folder")
+    ve.add_argument("--rules", type=Path, metavar="RULES", help="the rule used (default: the one that fits --source)")
+    ve.add_argument("--tol", type=float, default=1e-4, help="tolerance relative to each part's scale (default 1e-4)")
+    ve.add_argument("--json", action="store_true", help="print the comparison as one JSON document")
+    source_args(ve)
+
     pl = sub.add_parser(
         "plan",
         help="dry run: plan and check on metadata only; writes nothing",
@@ -189,6 +203,14 @@ def _parser() -> argparse.ArgumentParser:
         "--fsync",
         action="store_true",
         help="flush the output to disk before publishing it, so it survives a power loss (slower)",
+    )
+    a.add_argument(
+        "--verify",
+        nargs="?",
+        type=float,
+        const=1e-4,
+        metavar="TOL",
+        help="before publishing, prove the output by its function (see `verify`); on failure nothing is written",
     )
     a.add_argument(
         "--require-tokenizer",
@@ -252,6 +274,7 @@ def _options(args: argparse.Namespace) -> Options:
             "force": args.force,
             "fsync": args.fsync,
             "require_tokenizer": args.require_tokenizer,
+            "verify": args.verify,
         }
     return Options(source=src, overrides=dict(args.set), dtype=args.dtype, **extra)
 
@@ -295,6 +318,30 @@ def _detect(args: argparse.Namespace) -> int:
     else:
         print(f"\n{args.source}: {'no rule fits' if not good else 'several rules fit'}")
     return 0 if len(good) == 1 else 1
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from phi_rules.source.resolve import resolve
+    from phi_rules.verify import failure, layer_rows, verify
+
+    _quiet_libraries()
+    (rules,) = _rules_for(args, [args.rules] if args.rules else [])
+    options = _options(args)
+    resolved = resolve(rules, options.source)
+    report = verify(resolved.weights, rules.layout, resolved.config(), args.out, args.tol)
+    if args.json:
+        print(json.dumps({"rule": rules.name, **report.to_json()}, indent=2))
+    else:
+        print(f"{'part':<14}{'max|Δ|':>12}{'tolerance':>12}")
+        for part, delta, tol in layer_rows(report):
+            print(f"{part:<14}{delta:>12.2e}{tol:>12.2e}  {'ok' if delta <= tol else 'DIVERGES'}")
+    problem = failure(args.out, report)
+    if problem is not None:
+        _print_diagnostics(problem.diagnostics)
+        return 1
+    if not args.json:
+        print(f"{args.out}: computes the original function ({rules.layout} reference, {len(report.rows)} parts)")
+    return 0
 
 
 def _rules_for(args: argparse.Namespace, paths: list[Path]) -> list[Rules]:
@@ -393,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "apply" and len(args.rules) > 1 and args.source is not None:
         parser.error("--source takes one rule file, not several")
+    if args.command == "verify" and args.source is None:
+        parser.error("verify needs --source: the original checkpoint the output was converted from")
     if args.command in ("apply", "plan") and not args.rules and args.source is None:
         parser.error("give a rule file, or --source to find the rule that fits it")
     try:
@@ -407,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list()
         if args.command == "detect":
             return _detect(args)
+        if args.command == "verify":
+            return _verify(args)
         return _plan(args) if args.command == "plan" else _apply(args)
     except PhiRulesError as exc:
         _print_diagnostics(exc.diagnostics)

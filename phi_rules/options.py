@@ -35,3 +35,4 @@ class Options:
     force: bool = False
     fsync: bool = False
     require_tokenizer: bool = False
+    verify: float | None = None  # run verify on the finished output with this tolerance before publishing it

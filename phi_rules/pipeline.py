@@ -85,6 +85,17 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
     return _planned(rules, tensors, resolved, options)[0]
 
 
+def check_function(rules: Rules, resolved: ResolvedSource, folder: Path, tol: float, shown: Path) -> Any:
+    """``verify`` on a folder; raises its one-line error when a part diverges, else returns the report."""
+    from phi_rules.verify import failure, verify
+
+    report = verify(resolved.weights, rules.layout, resolved.config(), folder, tol)
+    problem = failure(shown, report)
+    if problem is not None:
+        raise problem
+    return report
+
+
 def _refuse_converted(rules: Rules, options: Options) -> None:
     """A rule for today's layout exists to be detected, not applied."""
     if rules.converted:
@@ -183,6 +194,8 @@ def convert(
 
             output.write_weights(tmp, result, ckpt, options, resolved, hasher, progress(result))
             output.write_config(tmp, result, config)
+            if options.verify is not None:
+                check_function(rules, resolved, tmp, options.verify, out)
             for extra in resolved.extras:
                 shutil.copyfile(extra, tmp / extra.name)
             if options.fsync:
