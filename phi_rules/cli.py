@@ -17,16 +17,27 @@ from phi_rules.source.resolve import source_argument
 
 EPILOG = """\
 examples:
-  phi-rules validate rules/                     check every rule file (CI does this)
-  phi-rules list                                shipped rule files
-  phi-rules plan rules/phi-2.yaml               dry run: what would be written, from headers only
-  phi-rules apply rules/phi-2.yaml --out phi-2  download at the pinned revision and convert
-  phi-rules apply rules/phi-2.yaml --source ./my-finetune --out converted
-  phi-rules apply rules/phi-1.yaml rules/phi-1_5.yaml rules/phi-2.yaml --out models/   (one folder each)
+  phi-rules apply --source ./my-phi-checkpoint --out converted    the layout is detected: no rule to pick
+  phi-rules apply --source someone/phi-2-finetune@abc123 --out converted        a hub repository
+  phi-rules detect ./my-phi-checkpoint          which rule fits, and why the others do not
+  phi-rules verify --source ./my-phi-checkpoint converted         prove the output by its function
+  phi-rules apply phi-2 --out phi-2             a shipped rule by name: download at the pinned revision
+  phi-rules plan phi-2 --source ./ckpt          dry run: what would be written, from headers only
+  phi-rules validate rules/                     check every rule file (CI and pre-commit do this)
+  phi-rules list                                shipped rules: name, layout, file, description
 
 exit status: 0 success, 1 a problem with the rules, the source or the conversion, 2 bad usage.
 A rule file is YAML checked against `phi-rules schema`; the README documents every key.
 """
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("phi-rules")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _set_value(text: str) -> tuple[str, object]:
@@ -78,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check rule files: YAML, schema and semantics; reports every error")
@@ -89,8 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         help="text: one `file:line:col: key: message` per line; json: a list of objects",
     )
 
-    sub.add_parser("schema", help="print the JSON Schema of rule files")
-    sub.add_parser("list", help="list the shipped rule files with their descriptions")
+    v.add_argument("--json", action="store_const", const="json", dest="format", help="the same as --format json")
+    sc = sub.add_parser("schema", help="print the JSON Schema of rule files (for editors and CI)")
+    sc.add_argument("--output", type=Path, metavar="FILE", help="write it to FILE instead")
+    li = sub.add_parser("list", help="list the shipped rules: name, layout, file, description")
+    li.add_argument("--json", action="store_true", help="print them as one JSON document")
 
     def source_args(q: argparse.ArgumentParser) -> None:
         g = q.add_argument_group("source", "where the original weights come from (default: the rule's source)")
@@ -136,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "source", type=Path, metavar="SRC", help="a checkpoint folder or weights file, or a hub repo owner/name@rev"
     )
-    d.add_argument("--rules", type=Path, nargs="+", default=[], metavar="FILE", help="more candidate rule files")
+    d.add_argument(
+        "--rules", nargs="+", default=[], metavar="RULE", help="more candidates: rule files or shipped names"
+    )
     d.add_argument("--json", action="store_true", help="print the verdicts as one JSON document")
     d.add_argument("--cache-dir", type=Path, metavar="DIR", help="hub cache (default: HF_HUB_CACHE)")
     d.add_argument("--offline", action="store_true", help="use only the hub cache (like HF_HUB_OFFLINE=1)")
@@ -151,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         "every part is within tolerance, 1 naming the first part that diverges.",
     )
     ve.add_argument("out", type=Path, metavar="OUT", help="the converted folder")
-    ve.add_argument("--rules", type=Path, metavar="RULES", help="the rule used (default: the one that fits --source)")
+    ve.add_argument("--rules", metavar="RULE", help="the rule used, a file or a shipped name (default: detected)")
     ve.add_argument("--tol", type=float, default=1e-4, help="tolerance relative to each part's scale (default 1e-4)")
     ve.add_argument("--json", action="store_true", help="print the comparison as one JSON document")
     source_args(ve)
@@ -163,7 +180,10 @@ def _parser() -> argparse.ArgumentParser:
         "against the target model. Hub safetensors are read by header only.",
     )
     pl.add_argument(
-        "rules", type=Path, nargs="?", metavar="RULES", help="a rule file (default: the one rule that fits --source)"
+        "rules",
+        nargs="?",
+        metavar="RULE",
+        help="a rule file or a shipped rule's name (default: the one that fits --source)",
     )
     source_args(pl)
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
@@ -177,10 +197,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "rules",
-        type=Path,
         nargs="*",
-        metavar="RULES",
-        help="rule file(s); several give one folder each (default: the one rule that fits --source, see detect)",
+        metavar="RULE",
+        help="rule files or shipped rules' names; several give one folder each (default: the one that fits "
+        "--source, see detect)",
     )
     a.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (must be empty or new)")
     source_args(a)
@@ -226,6 +246,20 @@ def _print_diagnostics(diags: Sequence[Diagnostic]) -> None:
         print(f"error: {d}" if d.file is None else str(d), file=sys.stderr)
 
 
+def _schema(output: Path | None) -> int:
+    from phi_rules.language.document import SCHEMA_PATH
+
+    text = SCHEMA_PATH.read_text(encoding="utf-8")
+    if output is None:
+        print(text, end="")
+        return 0
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise PhiRulesError(f"{output}: cannot write the schema: {exc.strerror or exc}") from None
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from phi_rules.language.rules import check_file, rule_files
 
@@ -244,20 +278,29 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
-def _list() -> int:
+def _list(as_json: bool) -> int:
     from phi_rules.language.document import RULES_DIR, LoadError, load_document
     from phi_rules.language.rules import load_rules, rule_files
 
+    rows = []
     for f in rule_files([RULES_DIR]):
-        shown = f.relative_to(RULES_DIR.parent)
+        row = {"name": None, "layout": None, "file": str(f.relative_to(RULES_DIR.parent)), "description": ""}
         try:
             if load_document(f, str(f)).abstract:
-                print(f"{shown}\t(a base that other rules extend)")
-                continue
-            r = load_rules(f)
-            print(f"{shown}\t{r.name}\t{' '.join(r.description.split())}")
+                row["description"] = "(a base that other rules extend)"
+            else:
+                r = load_rules(f)
+                row |= {"name": r.name, "layout": r.layout or None, "description": " ".join(r.description.split())}
         except (PhiRulesError, LoadError) as exc:
-            print(f"{shown}\t(invalid: {exc.diagnostics[0].message})")
+            row["description"] = f"(invalid: {exc.diagnostics[0].message})"
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [(r["name"] or "-", r["layout"] or "-", r["file"], r["description"]) for r in rows]
+    widths = [max(len(t[i]) for t in [("name", "layout", "file", ""), *table]) for i in range(3)]
+    for t in [("name", "layout", "file", "description"), *table]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(t, widths, strict=False)), t[3]]))
     return 0
 
 
@@ -301,7 +344,9 @@ def _detect(args: argparse.Namespace) -> int:
 
     path, hub = source_argument(str(args.source))
     options = Options(source=SourceOptions(path, hub, None, args.cache_dir, args.offline, args.token))
-    fits = detect(args.source, options, args.rules)
+    from phi_rules.language.document import rule_path
+
+    fits = detect(args.source, options, [rule_path(r) for r in args.rules])
     good = [f for f in fits if f.fits]
     if args.json:
         print(json.dumps({"source": str(args.source), "fits": [f.to_json() for f in fits]}, indent=2))
@@ -344,13 +389,14 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rules_for(args: argparse.Namespace, paths: list[Path]) -> list[Rules]:
+def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     """The named rule files, or the one that detection finds for --source."""
     from phi_rules.detect import chosen, detect
+    from phi_rules.language.document import rule_path
     from phi_rules.language.rules import load_rules
 
     if paths:
-        return [load_rules(r) for r in paths]  # every file is checked before any work starts
+        return [load_rules(rule_path(r)) for r in paths]  # every file is checked before any work starts
     options = _options(args)
     return [chosen(args.source, detect(args.source, options))]
 
@@ -448,12 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args)
         if args.command == "schema":
-            from phi_rules.language.rules import SCHEMA_PATH
-
-            print(SCHEMA_PATH.read_text(), end="")
-            return 0
+            return _schema(args.output)
         if args.command == "list":
-            return _list()
+            return _list(args.json)
         if args.command == "detect":
             return _detect(args)
         if args.command == "verify":

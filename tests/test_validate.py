@@ -122,7 +122,19 @@ def test_schema_command_prints_the_schema(cli) -> None:
 def test_list_shows_shipped_rules(cli) -> None:
     code, out, _ = cli("list")
     assert code == 0
-    assert "rules/phi-2.yaml\tphi-2\t" in out and "seed-compat-phi-2" in out
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:]}
+    assert rows["phi-2"] == ["phi-msft", "rules/phi-2.yaml"] and "seed-compat-phi-2" in rows
+    code, out, _ = cli("list", "--json")
+    listed = {r["file"]: r for r in json.loads(out)}
+    assert code == 0 and listed["rules/transformers-4.36.yaml"]["layout"] == "transformers-4.36"
+    assert listed["rules/layouts/phi-msft.yaml"]["name"] is None  # the abstract base
+
+
+def test_schema_output_file_and_version(cli, tmp_path: Path) -> None:
+    assert cli("schema", "--output", tmp_path / "s.json")[0] == 0
+    assert json.loads((tmp_path / "s.json").read_text())["$id"] == json.loads(SCHEMA_PATH.read_text())["$id"]
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip() == "phi-rules 0.2.0"
 
 
 # --- the validator never raises anything but its own error type -----------------------------------

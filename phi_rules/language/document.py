@@ -12,15 +12,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from phi_rules.errors import Diagnostic, did_you_mean
+from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language.located_yaml import Located, YamlSyntaxError, load_located
 from phi_rules.language.located_yaml import Path as YPath
 
-RULES_DIR = Path(__file__).resolve().parents[2] / "rules"
+# Package data: in a clone these are links to the repo's rules/ and schemas/ (one copy); a wheel carries them.
+DATA = Path(str(resources.files("phi_rules").joinpath("data")))
+RULES_DIR = DATA / "rules"
+SCHEMA_PATH = (DATA / "schemas" / "phi-rules.schema.json").resolve()
 _PLACE = ("before", "after", "remove")  # edit_steps keys that say where, not what
 
 
@@ -57,6 +61,20 @@ def shipped_names() -> dict[str, Path]:
         if isinstance(data, dict) and isinstance(data.get("name"), str):
             found.setdefault(data["name"], f)
     return found
+
+
+def rule_path(ref: str) -> Path:
+    """A rule argument: a file path, or the ``name`` of a shipped rule (``phi-rules apply phi-2 …``)."""
+    path = Path(ref)
+    if path.exists() or "/" in ref or ref.endswith((".yaml", ".yml")):
+        return path
+    hit = shipped_names().get(ref)
+    if hit is None:
+        raise PhiRulesError(
+            f"{ref}: no such rule file, and no shipped rule has that name{did_you_mean(ref, shipped_names())} "
+            "(phi-rules list shows them)"
+        )
+    return hit
 
 
 def _base(path: Path, display: str, ref: str) -> tuple[Path, str] | None:

@@ -19,11 +19,9 @@ import jsonschema
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language import expr, ops, shortform, template
-from phi_rules.language.document import LoadError, load_document
+from phi_rules.language.document import SCHEMA_PATH, LoadError, load_document
 from phi_rules.language.located_yaml import Located
 from phi_rules.language.ops import Op
-
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "phi-rules.schema.json"
 
 YPath = tuple[str | int, ...]
 
