@@ -17,7 +17,7 @@ GOOD = """\
 # yaml-language-server: $schema=https://phi-rules.dev/schemas/phi-rules.schema.json
 version: 1
 name: my-finetune
-extends: phi-2          # a shipped rule, by name
+extends: phi-msft       # a shipped rule (the phi-msft base), by name
 source: {path: weights}
 """
 
@@ -33,7 +33,7 @@ def test_hook_validates_rule_files_without_torch(tmp_path: Path) -> None:
     repo = tmp_path / "author"
     (repo / "rules").mkdir(parents=True)
     (repo / "rules" / "mine.yaml").write_text(GOOD)
-    (repo / "rules" / "broken.yaml").write_text(GOOD.replace("extends: phi-2", "extends: phi-two"))
+    (repo / "rules" / "broken.yaml").write_text(GOOD.replace("extends: phi-msft", "extends: phi-mfst"))
     (repo / "notes.yaml").write_text("not: [a rule")  # outside rules/: the hook leaves it alone
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PRE_COMMIT", "VIRTUAL_ENV", "PYTHON"))}
     env |= {"PRE_COMMIT_HOME": str(tmp_path / "cache"), "PHI_RULES_HOOK_ENV": str(tmp_path / "hook-env")}
@@ -42,7 +42,7 @@ def test_hook_validates_rule_files_without_torch(tmp_path: Path) -> None:
         assert _run(git, repo, env).returncode == 0
     run = _run([exe, "try-repo", str(ROOT), "phi-rules-validate", "--all-files"], repo, env)
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "rules/broken.yaml:4:10: extends: base rule 'phi-two' not found; did you mean 'phi-2'?" in run.stdout
+    assert "rules/broken.yaml:4:10: extends: base rule 'phi-mfst' not found; did you mean 'phi-msft'?" in run.stdout
     assert "mine.yaml:" not in run.stdout and "notes.yaml" not in run.stdout
     hook_python = tmp_path / "hook-env" / "bin" / "python"
     assert _run([str(hook_python), "-c", "import torch"], repo, env).returncode != 0  # no torch in it
