@@ -284,7 +284,12 @@ def _list(as_json: bool) -> int:
 
     rows = []
     for f in rule_files([RULES_DIR]):
-        row = {"name": None, "layout": None, "file": str(f.relative_to(RULES_DIR.parent)), "description": ""}
+        row: dict[str, str | None] = {
+            "name": None,
+            "layout": None,
+            "file": str(f.relative_to(RULES_DIR.parent)),
+            "description": "",
+        }
         try:
             if load_document(f, str(f)).abstract:
                 row["description"] = "(a base that other rules extend)"
@@ -297,7 +302,7 @@ def _list(as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [(r["name"] or "-", r["layout"] or "-", r["file"], r["description"]) for r in rows]
+    table = [(str(r["name"] or "-"), str(r["layout"] or "-"), str(r["file"]), str(r["description"])) for r in rows]
     widths = [max(len(t[i]) for t in [("name", "layout", "file", ""), *table]) for i in range(3)]
     for t in [("name", "layout", "file", "description"), *table]:
         print("  ".join([*(c.ljust(w) for c, w in zip(t, widths, strict=False)), t[3]]))
@@ -452,7 +457,7 @@ def _progress_factory(quiet: bool) -> Callable[[Any], Callable[[int], None]]:
 
         def update(n: int) -> None:
             bar.update(n)
-            if bar.n >= bar.total:
+            if bar.total is not None and bar.n >= bar.total:
                 bar.close()
 
         return update

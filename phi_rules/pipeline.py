@@ -20,10 +20,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from phi_rules.dtypes import FLOAT_DTYPES
 from phi_rules.errors import PhiRulesError
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options
-from phi_rules.plan.planner import FLOAT_DTYPES, Plan, make_plan
+from phi_rules.plan.planner import Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.header import TensorInfo
 from phi_rules.source.resolve import NO_TOKENIZER, Hasher, ResolvedSource, remote_tensors, resolve

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +46,10 @@ class Layout:
     head: str
     first_block: int = 0
     interleaved: bool = False  # the seed's per-head order of query_key_value rows
-    fields: dict[str, tuple[str, ...]] = field(default_factory=dict)  # config names, first found wins
+    fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # config names, first found wins
 
 
-MSFT_FIELDS = {
+MSFT_FIELDS: dict[str, tuple[str, ...]] = {
     "hidden": ("n_embd",),
     "heads": ("n_head",),
     "kv_heads": ("n_head_kv",),
@@ -128,7 +128,7 @@ def sizes(layout: Layout, config: dict[str, Any] | None, where: str) -> Sizes:
     """The reference's sizes, from the source's own config.json (never from the rule)."""
     if config is None:
         raise PhiRulesError(f"{where}: verify needs the source's config.json: the reference reads its sizes there")
-    found = {
+    found: dict[str, Any] = {
         k: next((config[n] for n in names if config.get(n) is not None), None) for k, names in layout.fields.items()
     }
     need = [k for k in ("hidden", "heads", "layers") if not isinstance(found.get(k), int)]
@@ -206,7 +206,7 @@ class Reference:
             w = w.view(s.heads, 3, -1, s.hidden).transpose(0, 1).reshape(w.shape)
             b = b.view(s.heads, 3, -1).transpose(0, 1).reshape(b.shape)
         kv = s.kv_heads * s.head_dim
-        q, k, v = (h @ w.T + b).split([s.hidden, kv, kv], dim=-1)
+        q, k, v = torch.split(h @ w.T + b, [s.hidden, kv, kv], dim=-1)
         q = self._rotary(q.view(t, s.heads, s.head_dim))
         k = self._rotary(k.view(t, s.kv_heads, s.head_dim)).repeat_interleave(s.heads // s.kv_heads, dim=1)
         v = v.view(t, s.kv_heads, s.head_dim).repeat_interleave(s.heads // s.kv_heads, dim=1)
@@ -241,7 +241,7 @@ class Converted:
             raise PhiRulesError(f"{folder}: cannot read its config.json: {exc}") from None
         config._attn_implementation = "eager"
         with torch.device("meta"):
-            self.model = cls(config)
+            self.model: Any = cls(config)
         self.model.eval()
         self.rotary = type(self.model.model.rotary_emb)(config=config)  # real buffers, not meta
         self.files: dict[str, Any] = {}
@@ -256,9 +256,10 @@ class Converted:
         handle = self.files.get(name)
         if handle is None:
             raise PhiRulesError(f"{self.folder}: the output has no tensor {name!r}")
-        return handle.get_tensor(name).float()
+        tensor: torch.Tensor = handle.get_tensor(name)
+        return tensor.float()
 
-    def load(self, module: torch.nn.Module, prefix: str) -> Iterator[torch.nn.Module]:
+    def load(self, module: Any, prefix: str) -> Iterator[Any]:
         """Materialise ``module`` from the files for the duration of a ``with``-less loop body."""
         state = {k: self.get(prefix + k) for k in module.state_dict()}
         module.load_state_dict(state, assign=True)

@@ -222,6 +222,7 @@ def test_usage_errors_exit_2(cli, args: list[object]) -> None:
 
 def test_help_teaches(cli) -> None:
     code, out, _ = cli("--help")
-    assert code == 0 and "examples:" in out and "phi-rules apply rules/phi-2.yaml --out phi-2" in out
+    assert code == 0 and "examples:" in out and "phi-rules apply --source ./my-phi-checkpoint --out converted" in out
+    assert all(f"phi-rules {c}" in out for c in ("detect", "verify", "plan", "validate", "list"))
     code, out, _ = cli("apply", "--help")
     assert code == 0 and "--max-shard-size" in out and "nothing is left at --out" in " ".join(out.split())

@@ -187,7 +187,7 @@ def _edit_steps(doc: Located) -> None:
             continue
         target = index(edit[anchor])
         if target is None:
-            names = [s.get("name") for _, s in items if isinstance(s, dict) and isinstance(s.get("name"), str)]
+            names = [str(s["name"]) for _, s in items if isinstance(s, dict) and isinstance(s.get("name"), str)]
             hint = did_you_mean(str(edit[anchor]), names)
             raise _error(doc, (*where, anchor), f"no step named {edit[anchor]!r} to insert {anchor}{hint}")
         items.insert(target + (anchor == "after"), (marks, step))

@@ -171,7 +171,9 @@ class Split(Op):
         return [(_slice(segs, bounds[i] * row, bounds[i + 1] * row), out) for i, out in enumerate(outs)]
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return list(tensors[0].split(list(_values(self.sizes or ())), dim=self.dim))
+        import torch
+
+        return list(torch.split(tensors[0], list(_values(self.sizes or ())), dim=self.dim))
 
     def __str__(self) -> str:
         return f"split(dim={self.dim}, sizes={list(_values(self.sizes or ()))})"

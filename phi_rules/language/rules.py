@@ -29,7 +29,8 @@ YPath = tuple[str | int, ...]
 @cache
 def schema() -> dict[str, object]:
     """The rule-file JSON Schema shipped in ``schemas/``."""
-    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    loaded: dict[str, object] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return loaded
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class _Checker:
             self._schema_error(path, err)
 
     def _schema_error(self, path: YPath, err: jsonschema.ValidationError) -> None:
-        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict) and isinstance(err.schema, dict):
             allowed = set(err.schema.get("properties", {}))
             for extra in sorted(set(err.instance) - allowed):
                 more = did_you_mean(extra, allowed) or f" (allowed: {', '.join(sorted(allowed))})"
@@ -183,7 +184,7 @@ class _Checker:
             if best is not None:  # the alternative that came closest says what is wrong
                 self._schema_error(tuple(best.absolute_path), best)
                 return
-        if err.validator == "required" and isinstance(err.instance, dict):
+        if err.validator == "required" and isinstance(err.instance, dict) and isinstance(err.validator_value, list):
             missing = [k for k in err.validator_value if k not in err.instance]
             self.error(path, f"missing required key {missing[0]!r}" if missing else err.message, code="schema")
             return
@@ -252,8 +253,8 @@ class _Checker:
         return tpl
 
 
-def _file_specs(items: list[object]) -> tuple[FileSpec, ...]:
-    return tuple(FileSpec(i) if isinstance(i, str) else FileSpec(i["name"], i.get("sha256")) for i in items)  # type: ignore[index]
+def _file_specs(items: list[str | dict[str, str]]) -> tuple[FileSpec, ...]:
+    return tuple(FileSpec(i) if isinstance(i, str) else FileSpec(i["name"], i.get("sha256")) for i in items)
 
 
 def _build_source(data: dict[str, object], base: Path) -> Source:

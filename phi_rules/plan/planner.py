@@ -127,7 +127,9 @@ class Plan:
         }
 
 
-def source_config(rules: Rules, found: Mapping[str, object] | None, overrides: Mapping[str, expr.Value]) -> dict:
+def source_config(
+    rules: Rules, found: Mapping[str, object] | None, overrides: Mapping[str, expr.Value]
+) -> dict[str, expr.Value]:
     """Declared source fields: the source's config.json where it has them, else the rule's defaults."""
     values = dict(rules.source.config_defaults)
     for key in values:
@@ -209,6 +211,7 @@ class _Planner:
     def rename(self, step: Rename, entries: dict[str, Entry]) -> tuple[list[str], dict[str, Entry]]:
         out: dict[str, Entry] = {}
         hits: list[str] = []
+        env = self.env
         for name, entry in entries.items():
             new = name
             try:
@@ -216,7 +219,10 @@ class _Planner:
                     m = pattern.search(name) if step.anywhere else pattern.fullmatch(name)
                     if m is None or not self._when(step, template.group_env(m)):
                         continue
-                    render = lambda mm, to=to: to.render(mm, {**self.env, **template.group_env(mm)})  # noqa: E731
+
+                    def render(mm: re.Match[str], to: template.Template = to) -> str:
+                        return to.render(mm, {**env, **template.group_env(mm)})
+
                     new = pattern.sub(render, name) if step.anywhere else render(m)
                     hits.append(name)
                     entry = Entry(entry.value, entry.shape, entry.dtype, (*entry.steps, step.name))

@@ -81,16 +81,15 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
             _where(plan, k).error(f"{cls.__name__} has no field {k!r}{did_you_mean(k, known)}", "target")
             for k in unknown
         )
-    kwargs = dict(plan.config)
+    kwargs: dict[str, object] = dict(plan.config)
     if dtype:
         kwargs.setdefault("dtype", dtype)
     kwargs.setdefault("architectures", [plan.rules.target.architecture])
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise PhiRulesError(
-            Diagnostic(f"{cls.__name__} rejected the config: {exc}", w.file, w.line, w.column, "target/config")
-        ) from None
+    except Exception as exc:  # transformers' (strict) validation raises several types; each is a bad value
+        reason = " ".join(str(exc).split())
+        raise PhiRulesError([w.error(f"{cls.__name__} rejected the config: {reason}", "target")]) from None
 
 
 def write_config(plan: Plan, config: Any, folder: Path) -> None:

@@ -99,12 +99,12 @@ class Hasher:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._jobs: dict[Path, Future[str]] = {}
         for path in resolved.weights:
-            expected = resolved.pins.get(path)
-            if expected is None:
+            pin = resolved.pins.get(path)
+            if pin is None:
                 self._jobs[path] = self._pool.submit(sha256_file, path)
                 continue
             try:
-                actual = checked_sha256(path, expected)
+                actual = checked_sha256(path, pin)
             except PhiRulesError:
                 self._pool.shutdown(cancel_futures=True)
                 raise

@@ -73,4 +73,4 @@ def write_config(folder: Path, result: Plan, config: Any) -> None:
     from transformers import GenerationConfig
 
     target.write_config(result, config, folder)
-    GenerationConfig.from_model_config(config).save_pretrained(folder)  # type: ignore[arg-type]
+    GenerationConfig.from_model_config(config).save_pretrained(folder)

@@ -99,8 +99,8 @@ class SafetensorsWriter:
 
     def write_tensor(self, planned: PlannedTensor, tensor: torch.Tensor) -> None:
         i, offset = self.where[planned.name]
-        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        _pwrite_all(self.fds[i], memoryview(data).cast("B"), offset)
+        data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else memoryview(b"")
+        _pwrite_all(self.fds[i], data.cast("B"), offset)
 
     def copy_segments(self, planned: PlannedTensor, segments: list[Segment], fd_of: Callable[[str], int]) -> None:
         i, offset = self.where[planned.name]
