@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks (for reporting a bug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("validate", help="check rule files: YAML, schema and semantics; reports every error")
@@ -513,6 +514,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: still one line, the traceback only on request
+        if args.debug:
+            raise
+        reason = " ".join(str(exc).split())[:300]
+        print(
+            f"error: internal error ({type(exc).__name__}: {reason}); rerun with --debug to report it", file=sys.stderr
+        )
+        return 1
     except BrokenPipeError:  # `phi-rules plan … | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -123,6 +123,30 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One apply at a time per --out: a second one fails at once instead of racing the first's rename."""
+    import fcntl
+
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise PhiRulesError(f"{exc.filename or out.parent}: cannot write the output here: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PhiRulesError(f"{out}: another phi-rules apply is writing this folder right now") from None
+        try:
+            yield
+        finally:
+            os.unlink(lock)  # still held: a run that opened it meanwhile fails to lock and stops
+    finally:
+        os.close(fd)
+
+
 def _prepare_destination(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PhiRulesError(f"{out}: exists and is not a folder")
@@ -177,6 +201,18 @@ def convert(
     options = options or Options()
     _refuse_converted(rules, options)
     out = Path(out)
+    with _locked(out):
+        return _convert(rules, out, options, note, warn, progress)
+
+
+def _convert(
+    rules: Rules,
+    out: Path,
+    options: Options,
+    note: Callable[[str], None],
+    warn: Callable[[str], None],
+    progress: Callable[[Plan], Progress],
+) -> Plan:
     _prepare_destination(out, options.force)
     _check_device(options.device)
     resolved = resolve(rules, options.source)
@@ -186,7 +222,6 @@ def convert(
     if not tokenizer and (options.require_tokenizer or rules.target.require_tokenizer):
         raise PhiRulesError(f"{out}: not written: {NO_TOKENIZER}")
     hasher = Hasher(resolved)  # checks pins, then hashes in the background from here on
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with _terminate_as_interrupt(), Checkpoint(resolved.weights) as ckpt:
@@ -202,9 +237,11 @@ def convert(
             if options.fsync:
                 _flush_to_disk(tmp)
             _commit(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         hasher.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a file too large, a folder that vanished
+            raise PhiRulesError(f"{exc.filename or out}: cannot write the output: {exc.strerror or exc}") from None
         raise
     if not tokenizer:
         warn(f"{out}: {NO_TOKENIZER}")

@@ -78,6 +78,7 @@ def load_located(text: str, file: str = "<string>") -> Located:
     return located
 
 
+_COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 _MAX_NODES = 100_000  # aliases can make a tiny file expand exponentially ("billion laughs")
 
 
@@ -85,6 +86,8 @@ def _build(node: yaml.Node, path: Path, located: Located, loader: yaml.SafeLoade
     if len(located.values) >= _MAX_NODES or len(path) > 200:
         raise YamlSyntaxError("document too large or too deeply nested (recursive alias?)", *_mark(node))
     located.values[path] = (file, *_mark(node))
+    if not isinstance(node, yaml.ScalarNode) and node.tag not in _COLLECTION_TAGS:
+        raise YamlSyntaxError(f"unsupported YAML tag {node.tag!r}", *_mark(node))  # e.g. !!python/object
     if isinstance(node, yaml.MappingNode):
         result: dict[str, object] = {}
         for key_node, value_node in node.value:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 
@@ -224,10 +225,18 @@ class _Checker:
 
     def compile(self, path: YPath, text: str) -> re.Pattern[str] | None:
         try:
-            return re.compile(text)
+            compiled = re.compile(text)
         except re.error as exc:
             self.error(path, f"bad regular expression {text!r}: {exc}")
             return None
+        if _nested_repeat(text):
+            self.error(
+                path,
+                f"regular expression {text!r} nests an unbounded repeat inside another (like '(a+)+'), which can "
+                "take exponential time on a long tensor name: write it without the nesting",
+            )
+            return None
+        return compiled
 
     def parse_template(
         self, path: YPath, text: str, pattern: re.Pattern[str] | None, known: Mapping[str, str]
@@ -251,6 +260,33 @@ class _Checker:
             if name.name not in known:
                 self.error(path, f"unknown name {name.name!r} in template{did_you_mean(name.name, known)}")
         return tpl
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """Whether a repeat of more than one item contains an unbounded one: the shape of catastrophic backtracking."""
+    from re import _constants as c  # type: ignore[attr-defined]
+    from re import _parser  # type: ignore[attr-defined]
+
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT)
+
+    def children(op: Any, av: Any) -> list[Any]:
+        if op == c.SUBPATTERN:
+            return [av[-1]]
+        if op == c.BRANCH:
+            return list(av[1])
+        return [av[1]] if op in (c.ASSERT, c.ASSERT_NOT) else []
+
+    def walk(items: Any, inside: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                _low, high, sub = av
+                if (inside and high == c.MAXREPEAT) or walk(sub, inside or high > 1):
+                    return True
+            elif any(walk(child, inside) for child in children(op, av)):
+                return True
+        return False
+
+    return bool(walk(_parser.parse(pattern), False))
 
 
 def _file_specs(items: list[str | dict[str, str]]) -> tuple[FileSpec, ...]:

@@ -146,8 +146,13 @@ def check_saved_config(plan: Plan, saved: Mapping[str, Any]) -> None:
 def expected_parameters(plan: Plan, config: Any) -> dict[str, tuple[int, ...]]:
     """Names and shapes the architecture loads, without the tied copies it does not read from files."""
     cls = model_class(plan.rules.target.architecture)
-    with torch.device("meta"):
-        model = cls(config)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as exc:  # sizes torch cannot allocate even on meta, values the modeling code rejects
+        reason = " ".join(str(exc).split())[:200]
+        problem = plan.rules.where_target.error(f"{cls.__name__} cannot be built from the config: {reason}")
+        raise PhiRulesError([problem]) from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         tied = getattr(model, "_tied_weights_keys", None) or {}

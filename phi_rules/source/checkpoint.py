@@ -46,11 +46,14 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"WeightsUnpickler error: ([^\n]*)", re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
-        first = found.group(1).strip() if found else type(exc).__name__
+        lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()]
+        hostile = next((line for line in lines if "global" in line.lower() and "GLOBAL" in line.upper()), None)
+        if hostile is None:  # the weights-only unpickler met bytes that are no pickle at all
+            detail = next((line for line in lines if line.startswith("Unsupported")), type(exc).__name__)
+            raise PhiRulesError(f"{path}: cannot read as a PyTorch weights file: {detail}") from None
         raise PhiRulesError(
             f"{path}: refused to load: the pickle asks for more than plain tensors, which could run "
-            f"code (weights_only=True rejected it: {first})"
+            f"code (weights_only=True rejected it: {hostile.removeprefix('WeightsUnpickler error: ')})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise PhiRulesError(f"{path}: cannot read as a PyTorch weights file: {str(exc).splitlines()[0]}") from None

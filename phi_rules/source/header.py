@@ -5,6 +5,7 @@ Kept free of heavy imports so that sources can be resolved (and hashed) while to
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -72,6 +73,10 @@ def parse_safetensors_header(raw: bytes, file: str, size: int | None = None) -> 
         if size is not None and base + end > size:
             raise PhiRulesError(f"{file}: tensor {name!r} lies beyond the end of the file (truncated?)")
         tensors[name] = TensorInfo(name, shape, dtype, file, (base + begin, base + end))
+    spans = sorted((t.span, t.name) for t in tensors.values() if t.span is not None and t.span[0] != t.span[1])
+    for (first, a), (second, b) in itertools.pairwise(spans):
+        if second[0] < first[1]:
+            raise PhiRulesError(f"{file}: tensors {a!r} and {b!r} overlap in the file (corrupt header)")
     return tensors
 
 
