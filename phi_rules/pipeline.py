@@ -16,6 +16,7 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,6 +29,7 @@ from phi_rules.plan.planner import Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.header import TensorInfo
 from phi_rules.source.resolve import NO_TOKENIZER, Hasher, ResolvedSource, remote_tensors, resolve
+from phi_rules.write import output
 
 Progress = Callable[[int], None]
 
@@ -53,13 +55,18 @@ def checked(plan: Plan, dtype: str | None) -> Any:
     return config
 
 
+def _uniform_dtype(plan: Plan) -> str | None:
+    """The output's floating dtype when it has one, for the config's ``dtype`` field."""
+    floats = {t.dtype for t in plan.tensors if t.dtype in FLOAT_DTYPES}
+    return floats.pop() if len(floats) == 1 else None
+
+
 def _planned(
     rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options
 ) -> tuple[Plan, Any]:
-    """The checked plan and the target config it was checked with (its dtype: the output's, if uniform)."""
+    """The checked plan and the target config it was checked with."""
     result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype)
-    floats = {t.dtype for t in result.tensors if t.dtype in FLOAT_DTYPES}
-    return result, checked(result, floats.pop() if len(floats) == 1 else None)
+    return result, checked(result, _uniform_dtype(result))
 
 
 def source_tensors(
@@ -84,6 +91,23 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
     for n in resolved.notes:
         note(n)
     return _planned(rules, tensors, resolved, options)[0]
+
+
+def _write_while_checking(
+    tmp: Path,
+    result: Plan,
+    ckpt: Checkpoint,
+    options: Options,
+    resolved: ResolvedSource,
+    hasher: Hasher,
+    progress: Progress,
+) -> Any:
+    """Move the bytes at once while a second thread imports transformers and checks the plan against the
+    target class; a failed check still fails the conversion (the caller removes the folder)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi-rules-check") as pool:
+        check = pool.submit(checked, result, _uniform_dtype(result))
+        output.write_weights(tmp, result, ckpt, options, resolved, hasher, progress)
+        return check.result()
 
 
 def check_function(rules: Rules, resolved: ResolvedSource, folder: Path, tol: float, shown: Path) -> Any:
@@ -225,10 +249,10 @@ def _convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with _terminate_as_interrupt(), Checkpoint(resolved.weights) as ckpt:
-            result, config = _planned(rules, ckpt.tensors, resolved, options)  # transformers loads while hashing
-            from phi_rules.write import output
-
-            output.write_weights(tmp, result, ckpt, options, resolved, hasher, progress(result))
+            result = make_plan(rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype)
+            if result.problems:  # every problem at once, the target's included; nothing written
+                checked(result, _uniform_dtype(result))
+            config = _write_while_checking(tmp, result, ckpt, options, resolved, hasher, progress(result))
             output.write_config(tmp, result, config)
             if options.verify is not None:
                 check_function(rules, resolved, tmp, options.verify, out)

@@ -151,3 +151,30 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformer
     run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_byte_copies_never_materialise_a_tensor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every phi-2 output is a rename or a dim-0 split: all of them must go file to file, none through torch."""
+    from phi_reference import assert_same_function
+
+    from phi_rules.source.checkpoint import Checkpoint
+
+    cfg = MsftConfig(vocab_size=96, n_layer=2)
+    state = random_state(cfg, torch.float16, seed=4)
+    src = write_checkpoint(tmp_path / "src", state, cfg, shards=2)
+
+    def materialised(self: Checkpoint, info: object) -> torch.Tensor:
+        raise AssertionError(f"tensor read into memory: {info}")
+
+    monkeypatch.setattr(Checkpoint, "load", materialised)
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=src))
+    phi_rules.convert(phi_rules.load_rules(ROOT / "rules" / "phi-2.yaml"), tmp_path / "out", options)
+    monkeypatch.undo()
+    assert_same_function(tmp_path / "out", state, cfg)
+    with pytest.raises(AssertionError, match="tensor read into memory"):  # a cast must compute, and does
+        monkeypatch.setattr(Checkpoint, "load", materialised)
+        phi_rules.convert(
+            phi_rules.load_rules(ROOT / "rules" / "phi-2.yaml"),
+            tmp_path / "cast",
+            phi_rules.Options(source=phi_rules.SourceOptions(source=src), dtype="float32"),
+        )

@@ -10,45 +10,9 @@ from collections.abc import Iterator
 import torch
 
 from phi_rules.dtypes import itemsize
-from phi_rules.language.ops import Bytes, Segment, Spec
 from phi_rules.plan.planner import Computation, Pick, PlannedTensor, Value
 from phi_rules.source.checkpoint import Checkpoint, torch_dtype
 from phi_rules.source.header import TensorInfo
-
-
-def _merge(segments: list[Segment]) -> list[Segment]:
-    out: list[Segment] = []
-    for seg in segments:
-        if out and out[-1][0] == seg[0] and out[-1][2] == seg[1]:
-            out[-1] = (seg[0], out[-1][1], seg[2])
-        else:
-            out.append(seg)
-    return out
-
-
-def byte_segments(value: Value, out_dtype: str) -> list[Segment] | None:
-    """The output's bytes as ranges of source files, if no op changes them; else None."""
-
-    def walk(v: Value) -> list[Bytes] | None:
-        if isinstance(v, TensorInfo):
-            return None if v.span is None else [([(v.file, *v.span)], Spec(v.shape, v.dtype))]
-        items: list[Bytes] = []
-        for inp in v.comp.inputs:
-            got = walk(inp)
-            if got is None:
-                return None
-            items.extend(got)
-        for op in v.comp.ops:
-            nxt = op.segments(items)
-            if nxt is None:
-                return None
-            items = nxt
-        return [items[v.index]]
-
-    got = walk(value)
-    if got is None or got[0][1].dtype != out_dtype or not got[0][1].contiguous:
-        return None
-    return _merge(got[0][0])
 
 
 class Executor:

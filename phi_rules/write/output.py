@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options
-from phi_rules.plan import target
 from phi_rules.plan.planner import Plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.resolve import Hasher, ResolvedSource
-from phi_rules.write.execute import Executor, byte_segments
 from phi_rules.write.safetensors import SafetensorsWriter
+from phi_rules.write.segments import byte_segments
+
+if TYPE_CHECKING:  # torch is imported only when a tensor's bytes change: byte copies need none
+    from phi_rules.write.execute import Executor
 
 Progress = Callable[[int], None]
 
@@ -41,10 +41,11 @@ def write_weights(
     hasher: Hasher,
     progress: Progress,
 ) -> None:
-    device = torch.device(options.device)
-    executor = Executor(ckpt, result.tensors, device)
     fmt = options.format or result.rules.target.format
     if fmt == "bin":
+        import torch
+
+        executor = _executor(ckpt, result, options)
         state = {}
         for t in result.tensors:
             state[t.name] = executor.tensor(t)
@@ -52,6 +53,7 @@ def write_weights(
         torch.save(state, folder / "pytorch_model.bin")
         hasher.cancel()  # a .bin has no metadata to record them in
         return
+    computing: Executor | None = None
     placeholder = {p.name: "0" * 64 for p in resolved.weights}
     writer = SafetensorsWriter(
         folder, result.tensors, options.max_shard_bytes, _metadata(result.rules, resolved, placeholder)
@@ -62,15 +64,26 @@ def write_weights(
             if segments is not None:
                 writer.copy_segments(t, segments, ckpt.fd)
             else:
-                writer.write_tensor(t, executor.tensor(t))
+                computing = computing or _executor(ckpt, result, options)
+                writer.write_tensor(t, computing.tensor(t))
             progress(t.nbytes)
         writer.finish(_metadata(result.rules, resolved, hasher.result()))
     finally:
         writer.close()
 
 
+def _executor(ckpt: Checkpoint, result: Plan, options: Options) -> Executor:
+    import torch
+
+    from phi_rules.write.execute import Executor
+
+    return Executor(ckpt, result.tensors, torch.device(options.device))
+
+
 def write_config(folder: Path, result: Plan, config: Any) -> None:
     from transformers import GenerationConfig
+
+    from phi_rules.plan import target
 
     target.write_config(result, config, folder)
     GenerationConfig.from_model_config(config).save_pretrained(folder)

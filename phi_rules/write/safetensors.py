@@ -13,13 +13,15 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from phi_rules.errors import PhiRulesError
 from phi_rules.language.ops import Segment
 from phi_rules.plan.planner import PlannedTensor
 from phi_rules.source.header import ST_CODES
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK = 64 * 1024 * 1024
 
@@ -98,6 +100,8 @@ class SafetensorsWriter:
         return [t for s in self.shards for t in s]
 
     def write_tensor(self, planned: PlannedTensor, tensor: torch.Tensor) -> None:
+        import torch
+
         i, offset = self.where[planned.name]
         data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else memoryview(b"")
         _pwrite_all(self.fds[i], data.cast("B"), offset)
