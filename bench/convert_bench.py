@@ -1,5 +1,7 @@
-"""Benchmark: wall time and peak RSS of `phi-rules apply` against a seed-style in-memory conversion
-and a plain `cp` of the same bytes, on a generated phi-msft checkpoint. Prints figures; asserts nothing.
+"""Benchmark: wall time and peak RSS of `phi-rules apply` (plain and casting to bfloat16), `plan`,
+`detect`, `validate` and `verify`, against `cp` of the same bytes, the imports they cannot avoid, and a
+seed-style in-memory conversion, on a generated phi-msft checkpoint. Prints figures and ratios; asserts
+nothing.
 
     python bench/convert_bench.py                 # phi-2 shape: 5.6 GB fp16 in two shards
     python bench/convert_bench.py --preset small  # a quick run
@@ -156,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="phi-2")
     parser.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating cp/apply rounds (median reported)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating cp/apply rounds (median reported)")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     src = args.data / args.preset
@@ -175,6 +177,7 @@ def main() -> None:
     out = args.data / "out"
     py = sys.executable
     cli = [py, "-m", "phi_rules"]
+    tokenizer = ["--tokenizer", "rules/examples/tiny-phi-2"]  # GPT-2's files, as a real phi-2 output has them
 
     def fresh() -> None:
         shutil.rmtree(out, ignore_errors=True)
@@ -182,8 +185,11 @@ def main() -> None:
 
     fresh()
     measure(["cat", *(str(src / s) for s in shards)], "warm the page cache (cat)")
-    imp_wall, _ = measure([py, "-c", "import torch, transformers.models.phi"], "import torch + transformers")
+    torch_wall, _ = measure([py, "-c", "import torch"], "import torch")
+    imp_wall, _ = measure([py, "-c", "import transformers.models.phi.modeling_phi"], "import modeling_phi")
     plan_wall, _ = measure([*cli, "plan", "rules/phi-2.yaml", "--source", str(src), "--json"], "phi-rules plan")
+    detect_wall, detect_rss = measure([*cli, "detect", str(src)], "phi-rules detect")
+    validate_wall, _ = measure([*cli, "validate", "rules/"], "phi-rules validate rules/")
     in_process = [py, "-c", PLAN_IN_PROCESS, str(src)]
     measure(in_process, "phi_rules.plan() after imports")
     cp_walls, apply_walls = [], []
@@ -192,12 +198,31 @@ def main() -> None:
         cp_walls.append(measure(["cp", *(str(src / s) for s in shards), str(out)], "cp of the same bytes")[0])
         shutil.rmtree(out)
         wall, apply_rss = measure(
-            [*cli, "apply", "rules/phi-2.yaml", "--source", str(src), "--out", str(out), "--quiet"], "phi-rules apply"
+            [*cli, "apply", "rules/phi-2.yaml", "--source", str(src), "--out", str(out), "--quiet", *tokenizer],
+            "phi-rules apply",
         )
         apply_walls.append(wall)
+    verify_wall, verify_rss = measure([*cli, "verify", "--source", str(src), str(out)], "phi-rules verify")
+    shutil.rmtree(out)
+    cast_wall, cast_rss = measure(
+        [
+            *cli,
+            "apply",
+            "rules/phi-2.yaml",
+            "--source",
+            str(src),
+            "--out",
+            str(out),
+            "--quiet",
+            "--dtype",
+            "bfloat16",
+            *tokenizer,
+        ],
+        "phi-rules apply --dtype bfloat16",
+    )
     shutil.rmtree(out)
     durable, _ = measure(
-        [*cli, "apply", "rules/phi-2.yaml", "--source", str(src), "--out", str(out), "--quiet", "--fsync"],
+        [*cli, "apply", "rules/phi-2.yaml", "--source", str(src), "--out", str(out), "--quiet", "--fsync", *tokenizer],
         "phi-rules apply --fsync",
     )
     fresh()
@@ -211,9 +236,14 @@ def main() -> None:
         f"apply --fsync / (cp && sync): {durable / cp_sync:.2f}x"
     )
     print(
-        f"apply / cp wall: {apply_wall / cp_wall:.2f}x   apply / seed-style wall: {apply_wall / seed_wall:.2f}x   "
-        f"seed-style / apply peak RSS: {seed_rss / apply_rss:.1f}x   plan: {plan_wall:.2f} s "
-        f"(of which ~{imp_wall:.2f} s importing torch + transformers)"
+        f"apply / cp wall: {apply_wall / cp_wall:.2f}x (peak RSS {apply_rss:.0f} MB)   "
+        f"apply --dtype bfloat16 / cp: {cast_wall / cp_wall:.2f}x (peak RSS {cast_rss:.0f} MB)\n"
+        f"plan: {plan_wall:.2f} s = import modeling_phi {imp_wall:.2f} s + {plan_wall - imp_wall:.2f} s   "
+        f"detect / import torch: {detect_wall / torch_wall:.2f}x ({detect_wall:.2f} s, {detect_rss:.0f} MB)   "
+        f"validate rules/: {validate_wall:.2f} s\n"
+        f"verify: {verify_wall:.2f} s, peak RSS {verify_rss:.0f} MB   "
+        f"apply / seed-style wall: {apply_wall / seed_wall:.2f}x   "
+        f"seed-style / apply peak RSS: {seed_rss / apply_rss:.1f}x"
     )
 
 

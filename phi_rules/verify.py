@@ -229,7 +229,6 @@ class Converted:
 
     def __init__(self, folder: Path, stack: ExitStack) -> None:
         import torch
-        from safetensors import safe_open
 
         from phi_rules.plan.target import model_class
 
@@ -244,20 +243,19 @@ class Converted:
             self.model: Any = cls(config)
         self.model.eval()
         self.rotary = type(self.model.model.rotary_emb)(config=config)  # real buffers, not meta
-        self.files: dict[str, Any] = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            handle = stack.enter_context(safe_open(f, "pt"))
-            self.files.update(dict.fromkeys(handle.keys(), handle))
-        if not self.files:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
             raise PhiRulesError(f"{folder}: no safetensors files to verify")
+        # Read with pread, one tensor at a time, like the source: a memory map would keep every page it
+        # touched in the resident set, the whole model by the end.
+        self.files = stack.enter_context(Checkpoint(files))
         self.folder = folder
 
     def get(self, name: str) -> torch.Tensor:
-        handle = self.files.get(name)
-        if handle is None:
+        info = self.files.tensors.get(name)
+        if info is None:
             raise PhiRulesError(f"{self.folder}: the output has no tensor {name!r}")
-        tensor: torch.Tensor = handle.get_tensor(name)
-        return tensor.float()
+        return self.files.load(info).float()
 
     def load(self, module: Any, prefix: str) -> Iterator[Any]:
         """Materialise ``module`` from the files for the duration of a ``with``-less loop body."""
