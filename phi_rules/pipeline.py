@@ -43,7 +43,10 @@ def checked(plan: Plan, dtype: str | None) -> Any:
         config = target.build_config(plan, dtype)
     except PhiRulesError as exc:
         raise PhiRulesError(problems + exc.diagnostics) from None
-    if plan.rules.target.check:
+    if plan.rules.target.check and plan.adapter_config is not None:
+        if not problems:
+            problems += target.check_against_target(plan, target.expected_adapter_parameters(plan, config))
+    elif plan.rules.target.check:
         expected = target.expected_parameters(plan, config)
         already = target.already_converted(plan, expected)
         if already:  # every other problem is a consequence of that
@@ -242,7 +245,7 @@ def _convert(
     resolved = resolve(rules, options.source)
     for n in resolved.notes:
         note(n)
-    tokenizer = resolved.has_tokenizer()
+    tokenizer = resolved.has_tokenizer() or rules.target.adapter is not None  # an adapter uses its base's
     if not tokenizer and (options.require_tokenizer or rules.target.require_tokenizer):
         raise PhiRulesError(f"{out}: not written: {NO_TOKENIZER}")
     hasher = Hasher(resolved)  # checks pins, then hashes in the background from here on

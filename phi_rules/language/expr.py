@@ -64,7 +64,17 @@ class Call:
 Node = Const | Name | Unary | Binary | Call
 
 CONSTANTS: dict[str, Value] = {"true": True, "false": False, "null": None}
-FUNCTIONS: dict[str, tuple[int, int]] = {"default": (2, 2), "min": (1, 99), "max": (1, 99), "int": (1, 1)}
+FUNCTIONS: dict[str, tuple[int, int]] = {
+    "default": (2, 99),
+    "min": (1, 99),
+    "max": (1, 99),
+    "int": (1, 1),
+    "dim": (2, 2),
+    "max_index": (1, 1),
+}
+# Functions that read the source's tensor names and shapes: their first argument is a quoted regex.
+TENSOR_FUNCTIONS = ("dim", "max_index")
+Shapes = Mapping[str, tuple[int, ...]]
 
 _TOKEN = re.compile(
     r"\s*(?:(?P<num>\d+\.\d*(?:[eE][-+]?\d+)?|\d+(?:[eE][-+]?\d+)?|\.\d+)"
@@ -181,6 +191,17 @@ def parse(text: str) -> Node:
     return _Parser(text).parse()
 
 
+def walk(node: Node) -> list[Node]:
+    """The node and every node below it."""
+    if isinstance(node, Unary):
+        return [node, *walk(node.operand)]
+    if isinstance(node, Binary):
+        return [node, *walk(node.left), *walk(node.right)]
+    if isinstance(node, Call):
+        return [node, *(n for arg in node.args for n in walk(arg))]
+    return [node]
+
+
 def names(node: Node) -> list[Name]:
     """Every name the expression reads, in order, so validation can reject unknown ones."""
     if isinstance(node, Name):
@@ -226,8 +247,23 @@ def _compare(op: str, a: Value, b: Value) -> bool:
     return {"<": x < y, "<=": x <= y, ">": x > y, ">=": x >= y}[op]
 
 
-def evaluate(node: Node, env: Mapping[str, Value]) -> Value:
-    """Evaluate with names looked up in ``env``; a name absent from it is an error."""
+def _tensor_query(node: Call, env: Mapping[str, Value], shapes: Shapes | None) -> Value:
+    """``dim(pattern, axis)``: that axis of the first source tensor whose name matches, else null;
+    ``max_index(pattern)``: the largest integer its group 1 captures over all names, else null."""
+    if shapes is None:
+        raise ExprError(f"{node.func}() reads source tensors: use it in target.config or let", node.offset)
+    pattern = re.compile(str(evaluate(node.args[0], {})))
+    hits = [(n, s) for n, s in shapes.items() if pattern.fullmatch(n)]
+    if node.func == "dim":
+        axis = _number(evaluate(node.args[1], {}), "axis of dim()")
+        return next((s[int(axis)] for _, s in hits if -len(s) <= axis < len(s)), None)
+    found = [m.group(1) for n, _ in hits if (m := pattern.fullmatch(n)) and m.group(1) and m.group(1).isdigit()]
+    return max(int(v) for v in found) if found else None
+
+
+def evaluate(node: Node, env: Mapping[str, Value], shapes: Shapes | None = None) -> Value:
+    """Evaluate with names looked up in ``env`` (an absent name is an error) and, for ``dim()`` and
+    ``max_index()``, tensor shapes from ``shapes``."""
     if isinstance(node, Const):
         return node.value
     if isinstance(node, Name):
@@ -235,14 +271,15 @@ def evaluate(node: Node, env: Mapping[str, Value]) -> Value:
             raise ExprError(f"unknown name {node.name!r}", node.offset)
         return env[node.name]
     if isinstance(node, Unary):
-        return -_number(evaluate(node.operand, env), "operand of '-'")
+        return -_number(evaluate(node.operand, env, shapes), "operand of '-'")
     if isinstance(node, Binary):
-        a, b = evaluate(node.left, env), evaluate(node.right, env)
+        a, b = evaluate(node.left, env, shapes), evaluate(node.right, env, shapes)
         return _compare(node.op, a, b) if node.op in ("==", "!=", "<", "<=", ">", ">=") else _arith(node.op, a, b)
+    if node.func in TENSOR_FUNCTIONS:
+        return _tensor_query(node, env, shapes)
     if node.func == "default":
-        first = evaluate(node.args[0], env)
-        return evaluate(node.args[1], env) if first is None else first
-    values = [_number(evaluate(arg, env), f"argument of {node.func}()") for arg in node.args]
+        return next((v for arg in node.args if (v := evaluate(arg, env, shapes)) is not None), None)
+    values = [_number(evaluate(arg, env, shapes), f"argument of {node.func}()") for arg in node.args]
     if node.func == "int":
         if isinstance(values[0], float) and not math.isfinite(values[0]):
             raise ExprError("int() of a non-finite number")

@@ -351,4 +351,33 @@ class Cast(Op):
         return f"cast({self.dtype})"
 
 
-OPS: dict[str, type[Op]] = {cls.name: cls for cls in (Split, Concat, View, Reshape, Transpose, Permute, Cast)}
+@dataclass(frozen=True)
+class Repeat(Op):
+    """One tensor to ``times`` identical outputs: a LoRA A matrix that q, k and v share."""
+
+    name: ClassVar[str] = "repeat"
+    times: int
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        if ctx.count != 1:
+            ctx.error(ctx.path, f"repeat needs exactly one tensor, but {ctx.count} are current")
+        return cls(arg)
+
+    def leaves(self, count: int) -> int:
+        return self.times
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        return [specs[0]] * self.times
+
+    def segments(self, items: list[Bytes]) -> list[Bytes] | None:
+        return [items[0]] * self.times
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [tensors[0]] * self.times
+
+    def __str__(self) -> str:
+        return f"repeat({self.times})"
+
+
+OPS: dict[str, type[Op]] = {cls.name: cls for cls in (Split, Concat, View, Reshape, Transpose, Permute, Cast, Repeat)}

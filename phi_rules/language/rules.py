@@ -65,6 +65,16 @@ class Source:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """``target.adapter``: the output is a PEFT adapter folder; how its adapter_config.json is rewritten."""
+
+    modules: Mapping[str, tuple[str, ...]]
+    paths: Mapping[str, str]  # literal pieces of regex target_modules, e.g. 'transformer\.h' -> 'model\.layers'
+    layers_pattern: str | None
+    settable: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Target:
     architecture: str
     check: bool
@@ -75,6 +85,7 @@ class Target:
     copy: tuple[str, ...]
     mirror: tuple[str, ...]
     require_tokenizer: bool
+    adapter: AdapterSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -221,7 +232,20 @@ class _Checker:
             self.error(path, f"bad expression {value!r}: {exc.message} at character {exc.offset + 1}")
             return None
         self.names_known(path, node, known)
+        self._tensor_queries(path, node)
         return node
+
+    def _tensor_queries(self, path: YPath, node: expr.Node) -> None:
+        """``dim()``/``max_index()`` take a quoted regular expression first (and a literal axis)."""
+        calls = [n for n in expr.walk(node) if isinstance(n, expr.Call) and n.func in expr.TENSOR_FUNCTIONS]
+        for call in calls:
+            first = call.args[0]
+            if not (isinstance(first, expr.Const) and isinstance(first.value, str)):
+                self.error(path, f"{call.func}() needs a quoted regular expression first, e.g. '\\.fc1\\.weight'")
+            elif self.compile(path, first.value) is None:
+                continue
+            if call.func == "dim" and not isinstance(call.args[1], expr.Const):
+                self.error(path, "dim() needs a number as its axis")
 
     def compile(self, path: YPath, text: str) -> re.Pattern[str] | None:
         try:
@@ -330,6 +354,18 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         copy,
         tuple(raw.get("mirror", ())),
         raw.get("require_tokenizer", False),
+        _adapter_spec(raw.get("adapter")),
+    )
+
+
+def _adapter_spec(raw: dict[str, Any] | None) -> AdapterSpec | None:
+    if raw is None:
+        return None
+    return AdapterSpec(
+        {k: tuple(v) for k, v in raw.get("modules", {}).items()},
+        dict(raw.get("paths", {})),
+        raw.get("layers_pattern"),
+        tuple(raw.get("settable", ())),
     )
 
 
@@ -464,9 +500,6 @@ def _check(display: str, path: Path, text: str | None = None) -> tuple[list[Diag
     if not isinstance(data, dict):
         return c.diagnostics, None
     raw_source = data.get("source")
-    if not document.abstract and isinstance(raw_source, dict) and not {"repo", "path"} & set(raw_source):
-        c.error(("source",), _ONE_OF_HINTS["source"], code="schema")  # a base may leave it to its extensions
-        c.bad_paths.append(("source",))
     source = None
     if c.ok(("source",)) and "source" in data and not document.abstract:
         source = _build_source(data, Path(located.position(("source",))[0]).parent)

@@ -100,6 +100,7 @@ class Plan:
     source_names: list[str]
     problems: list[Diagnostic] = field(default_factory=list)
     unconsumed: list[str] = field(default_factory=list)  # source tensors no step touched
+    adapter_config: dict[str, object] | None = None  # for adapter rules: the adapter_config.json to write
 
     @property
     def total_bytes(self) -> int:
@@ -145,26 +146,30 @@ def target_config(
     found: Mapping[str, object] | None,
     overrides: Mapping[str, expr.Value],
     problems: list[Diagnostic],
+    shapes: expr.Shapes | None = None,
 ) -> dict[str, expr.Value]:
     """Target config values: ``copy`` fields the source has, then the expressions; ``--set`` wins for target keys."""
     values: dict[str, expr.Value] = {k: found[k] for k in rules.target.copy if found and k in found}  # type: ignore[misc]
     for key, node in rules.target.config.items():
         try:
-            values[key] = expr.evaluate(node, src)
+            values[key] = expr.evaluate(node, src, shapes)
         except expr.ExprError as exc:
             problems.append(rules.target.config_where[key].error(f"cannot compute {key}: {exc.message}", "plan"))
+    settable = rules.target.adapter.settable if rules.target.adapter else ()
     for key, value in overrides.items():
-        if key not in rules.source.config_defaults:
+        if key not in rules.source.config_defaults and key not in settable:
             values[key] = value
     return values
 
 
-def let_values(rules: Rules, env: Mapping[str, expr.Value], problems: list[Diagnostic]) -> dict[str, expr.Value]:
+def let_values(
+    rules: Rules, env: Mapping[str, expr.Value], problems: list[Diagnostic], shapes: expr.Shapes | None = None
+) -> dict[str, expr.Value]:
     """The ``let`` expressions evaluated in order, each seeing the ones before it."""
     values = dict(env)
     for name, node in rules.lets.items():
         try:
-            values[name] = expr.evaluate(node, values)
+            values[name] = expr.evaluate(node, values, shapes)
         except expr.ExprError as exc:
             problems.append(rules.let_where[name].error(f"cannot compute let {name}: {exc.message}", "plan"))
     return values
@@ -307,9 +312,10 @@ def make_plan(
     overrides = overrides or {}
     problems: list[Diagnostic] = []
     src = source_config(rules, found_config, overrides)
-    config = target_config(rules, src, found_config, overrides, problems)
+    shapes = {n: i.shape for n, i in tensors.items()}
+    config = target_config(rules, src, found_config, overrides, problems, shapes)
     entries = {n: Entry(i, i.shape, i.dtype, ()) for n, i in tensors.items()}
-    final = _Planner(rules, let_values(rules, {**src, **config}, problems), problems).run(entries)
+    final = _Planner(rules, let_values(rules, {**src, **config}, problems, shapes), problems).run(entries)
     out_dtype = dtype or (None if rules.target.dtype == "keep" else rules.target.dtype)
     untouched = [n for n, e in final.items() if not e.steps]
     if untouched:
@@ -325,4 +331,11 @@ def make_plan(
         PlannedTensor(n, e.value, e.shape, out_dtype if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.steps)
         for n, e in final.items()
     ]
-    return Plan(rules, src, config, planned, list(tensors), problems, untouched)
+    adapter_config = None
+    if rules.target.adapter is not None:
+        from phi_rules.plan.adapter import converted
+
+        where = rules.where_target.error("")
+        adapter_config, adapter_problems = converted(found_config, rules.target.adapter, overrides, where)
+        problems += adapter_problems
+    return Plan(rules, src, config, planned, list(tensors), problems, untouched, adapter_config)

@@ -161,6 +161,32 @@ def expected_parameters(plan: Plan, config: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def expected_adapter_parameters(plan: Plan, config: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes PEFT saves for the converted adapter_config.json on the target class (on ``meta``)."""
+    try:
+        import peft
+    except ImportError:
+        raise PhiRulesError(
+            "converting adapters needs PEFT, which is not installed: pip install 'phi-rules[peft]'"
+        ) from None
+    cls = model_class(plan.rules.target.architecture)
+    fields = peft.LoraConfig.__dataclass_fields__
+    settings: dict[str, Any] = {
+        k: v for k, v in (plan.adapter_config or {}).items() if k in fields and k != "peft_type"
+    }
+    try:
+        lora = peft.LoraConfig(**settings)
+        with torch.device("meta"):
+            wrapped = peft.get_peft_model(cls(config), lora)
+        state = peft.get_peft_model_state_dict(wrapped)
+    except Exception as exc:  # PEFT rejects settings, or finds none of the target modules
+        reason = " ".join(str(exc).split())[:300]
+        raise PhiRulesError(
+            [plan.rules.where_target.error(f"PEFT cannot apply the converted adapter: {reason}")]
+        ) from None
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
 def _listing(names: list[str]) -> str:
     more = f" and {len(names) - SHOW} more" if len(names) > SHOW else ""
     return ", ".join(names[:SHOW]) + more

@@ -293,6 +293,10 @@ class _Hub:
 
 
 def _hub(rules: Rules, opts: SourceOptions) -> _Hub:
+    if opts.hub is None and rules.source.repo is None:
+        raise PhiRulesError(
+            f"{rules.display}: this rule has no source of its own: give --source PATH or --source owner/name@revision"
+        )
     if opts.hub is None:
         return _Hub(str(rules.source.repo), _revision(rules, opts), rules.source.files)
     m = _HUB_ID.fullmatch(opts.hub)

@@ -55,8 +55,9 @@ def write_weights(
         return
     computing: Executor | None = None
     placeholder = {p.name: "0" * 64 for p in resolved.weights}
+    single = "adapter_model.safetensors" if result.adapter_config is not None else None
     writer = SafetensorsWriter(
-        folder, result.tensors, options.max_shard_bytes, _metadata(result.rules, resolved, placeholder)
+        folder, result.tensors, options.max_shard_bytes, _metadata(result.rules, resolved, placeholder), single
     )
     try:
         for t in writer.order():
@@ -81,6 +82,10 @@ def _executor(ckpt: Checkpoint, result: Plan, options: Options) -> Executor:
 
 
 def write_config(folder: Path, result: Plan, config: Any) -> None:
+    """config.json and generation_config.json; for an adapter, its rewritten adapter_config.json alone."""
+    if result.adapter_config is not None:
+        (folder / "adapter_config.json").write_text(json.dumps(result.adapter_config, indent=2, sort_keys=True) + "\n")
+        return
     from transformers import GenerationConfig
 
     from phi_rules.plan import target

@@ -80,12 +80,22 @@ def copy_range(src: int, dst: int, begin: int, end: int, at: int) -> None:
 class SafetensorsWriter:
     """Writes planned tensors into ``model.safetensors`` or shards plus their index, in plan order."""
 
-    def __init__(self, folder: Path, tensors: list[PlannedTensor], max_bytes: int, metadata: dict[str, str]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[PlannedTensor],
+        max_bytes: int,
+        metadata: dict[str, str],
+        single: str | None = None,
+    ) -> None:
+        """``single``: one file of that name, never sharded (a PEFT adapter's ``adapter_model.safetensors``)."""
         self.folder = folder
-        self.shards = shard(tensors, max_bytes)
+        self.shards = [tensors] if single else shard(tensors, max_bytes)
         n = len(self.shards)
         self.names = (
-            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            [single or "model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         self.header_len = [len(_header(s, metadata)) for s in self.shards]
         self.where: dict[str, tuple[int, int]] = {}  # tensor -> (shard, absolute offset)

@@ -1,0 +1,124 @@
+"""Adapters trained on the old layouts convert by function: PEFT itself writes a LoRA or DoRA adapter
+onto modules named like the original remote code; base and adapter are converted with no rule named;
+PEFT loads the converted adapter on the converted base, and its logits equal the original model with
+the adapter merged into its own weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from phi_modules import MixFormerSequential, PhiMsft, from_mixformer
+from phi_reference import IDS, MsftConfig, random_state, reference_logits, to_mixformer, write_checkpoint
+from safetensors.torch import load_file
+
+peft = pytest.importorskip("peft", reason="adapters need the peft extra")
+
+CFG = MsftConfig(vocab_size=80, n_embd=160, n_layer=2, n_head=2, rotary_dim=32, n_inner=200)  # head_dim 80
+CASES = [
+    ("lora-all-four", "msft", ["Wqkv", "out_proj", "fc1", "fc2"], False),
+    ("lora-wqkv-only", "msft", ["Wqkv"], False),
+    ("dora", "msft", ["Wqkv", "out_proj", "fc1", "fc2"], True),
+    ("mixformer-lora", "mixformer", ["Wqkv", "out_proj", "fc2"], False),
+    ("mixformer-dora-regex", "mixformer", r".*\.(Wqkv|fc1)", True),
+]
+
+
+def original(layout: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = PhiMsft(CFG) if layout == "msft" else MixFormerSequential(CFG)
+    model.load_state_dict(state if layout == "msft" else to_mixformer(state, CFG.n_layer))
+    return model.eval()
+
+
+def test_modules_compute_the_reference_function() -> None:
+    state = random_state(CFG, seed=1)
+    expected = reference_logits(state, CFG, IDS)
+    for layout in ("msft", "mixformer"):
+        with torch.no_grad():
+            assert (original(layout, state)(IDS) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(("layout", "targets", "dora"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_adapter_converts_by_function(cli, tmp_path: Path, layout: str, targets: object, dora: bool) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = random_state(CFG, seed=3)
+    write_checkpoint(tmp_path / "base", state if layout == "msft" else to_mixformer(state, CFG.n_layer), CFG)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora, init_lora_weights=False)
+    trained = get_peft_model(original(layout, state), lora)
+    trained.save_pretrained(tmp_path / "adapter")  # what users hold: PEFT's own files
+    merged = trained.merge_and_unload().state_dict()
+    if layout == "mixformer":
+        merged = from_mixformer(merged, CFG.n_layer)
+    expected = reference_logits(merged, CFG, IDS)
+    assert (expected - reference_logits(state, CFG, IDS)).abs().max() > 1e-2  # the adapter matters
+
+    for src, out in (("base", "base-out"), ("adapter", "adapter-out")):
+        code, _, err = cli("apply", "--source", tmp_path / src, "--out", tmp_path / out, "--quiet")
+        assert code == 0, err
+    written = load_file(tmp_path / "adapter-out" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter-out" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["use_dora"] == dora
+    assert "Wqkv" not in json.dumps(config["target_modules"])
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base-out", dtype=torch.float32, attn_implementation="eager"
+    )
+    adapted = PeftModel.from_pretrained(model, tmp_path / "adapter-out").eval()
+    loaded = get_peft_model_state_dict(adapted)
+    assert sorted(loaded) == sorted(written)  # every LoRA module the file has was loaded, and no other exists
+    for name, tensor in written.items():
+        assert torch.equal(loaded[name], tensor), name
+    with torch.no_grad():
+        got = adapted(IDS[None]).logits[0]
+        assert (got - expected).abs().max().item() <= 1e-5
+        merged_model = adapted.merge_and_unload()
+        assert (merged_model(IDS[None]).logits[0] - expected).abs().max().item() <= 1e-5
+
+
+def test_adapter_config_rewrite_and_set(cli, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    state = random_state(CFG, seed=4)
+    lora = LoraConfig(r=2, target_modules=["Wqkv", "out_proj"], modules_to_save=None, init_lora_weights=False)
+    get_peft_model(original("msft", state), lora).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    code, _, err = cli(
+        "apply", "--source", tmp_path / "adapter", "--out", out, "--set", "base_model_name_or_path=./phi-2-converted"
+    )
+    assert code == 0, err
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["dense", "k_proj", "q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == "./phi-2-converted" and config["auto_mapping"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert "warning" not in err  # an adapter uses its base's tokenizer
+
+
+def test_adapter_with_an_unmapped_module_is_refused(cli, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=2, target_modules=["Wqkv", "linear"], init_lora_weights=False)  # the head's linear
+    get_peft_model(original("msft", random_state(CFG, seed=5)), lora).save_pretrained(tmp_path / "adapter")
+    rule = Path(__file__).resolve().parent.parent / "rules" / "adapters" / "phi-msft-lora.yaml"
+    code, _, err = cli("apply", rule, "--source", tmp_path / "adapter", "--out", tmp_path / "out")
+    assert code == 1 and not (tmp_path / "out").exists() and "Traceback" not in err
+    assert "target_modules: module 'linear' has no mapping in the rule" in err
+
+
+def test_without_peft_adapter_conversion_says_so(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=2, target_modules=["Wqkv"], init_lora_weights=False)
+    get_peft_model(original("msft", random_state(CFG, seed=6)), lora).save_pretrained(tmp_path / "adapter")
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if it were not installed
+    code, _, err = cli("apply", "--source", tmp_path / "adapter", "--out", tmp_path / "out")
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert err.strip() == (
+        "error: converting adapters needs PEFT, which is not installed: pip install 'phi-rules[peft]'"
+    )
