@@ -478,6 +478,20 @@ def _build_lets(c: _Checker, data: dict[str, object], known: dict[str, str]) -> 
     return lets
 
 
+def _check_merged_target(c: _Checker, data: dict[str, Any]) -> None:
+    """Keys a file that extends another may leave out, but the merged rule must have."""
+    raw = data.get("target")
+    if not isinstance(raw, dict) or not c.ok(("target",)):
+        return
+    needed: list[YPath] = [("target", k) for k in ("architecture", "config") if k not in raw]
+    adapter = raw.get("adapter")
+    if isinstance(adapter, dict) and "modules" not in adapter:
+        needed.append(("target", "adapter", "modules"))
+    for path in needed:
+        c.error(path[:-1], f"missing required key {path[-1]!r} (in this file or the base it extends)")
+        c.bad_paths.append(path[:-1])
+
+
 def _check_unique_names(c: _Checker, steps: list[object]) -> None:
     seen: dict[str, int] = {}
     for i, raw in enumerate(steps):
@@ -499,6 +513,7 @@ def _check(display: str, path: Path, text: str | None = None) -> tuple[list[Diag
     data = located.data
     if not isinstance(data, dict):
         return c.diagnostics, None
+    _check_merged_target(c, data)
     raw_source = data.get("source")
     source = None
     if c.ok(("source",)) and "source" in data and not document.abstract:
