@@ -172,6 +172,13 @@ def _parser() -> argparse.ArgumentParser:
     ve.add_argument("--rules", metavar="RULE", help="the rule used, a file or a shipped name (default: detected)")
     ve.add_argument("--tol", type=float, default=1e-4, help="tolerance relative to each part's scale (default 1e-4)")
     ve.add_argument("--json", action="store_true", help="print the comparison as one JSON document")
+    ve.add_argument(
+        "--base",
+        nargs=2,
+        type=Path,
+        metavar=("ORIGINAL", "CONVERTED"),
+        help="OUT and --source are adapters: the base they belong to, its original checkpoint and its conversion",
+    )
     source_args(ve)
 
     pl = sub.add_parser(
@@ -376,22 +383,26 @@ def _verify(args: argparse.Namespace) -> int:
     from phi_rules.verify import failure, layer_rows, verify
 
     _quiet_libraries()
+    adapters, shown = None, args.out
+    if args.base is not None:  # the layout and sizes are the base's; the adapters ride on each side
+        adapters = (args.source, args.out)
+        args.source, args.out = args.base
     (rules,) = _rules_for(args, [args.rules] if args.rules else [])
     options = _options(args)
     resolved = resolve(rules, options.source)
-    report = verify(resolved.weights, rules.layout, resolved.config(), args.out, args.tol)
+    report = verify(resolved.weights, rules.layout, resolved.config(), args.out, args.tol, adapters)
     if args.json:
         print(json.dumps({"rule": rules.name, **report.to_json()}, indent=2))
     else:
         print(f"{'part':<14}{'max|Δ|':>12}{'tolerance':>12}")
         for part, delta, tol in layer_rows(report):
             print(f"{part:<14}{delta:>12.2e}{tol:>12.2e}  {'ok' if delta <= tol else 'DIVERGES'}")
-    problem = failure(args.out, report)
+    problem = failure(shown, report)
     if problem is not None:
         _print_diagnostics(problem.diagnostics)
         return 1
     if not args.json:
-        print(f"{args.out}: computes the original function ({rules.layout} reference, {len(report.rows)} parts)")
+        print(f"{shown}: computes the original function ({rules.layout} reference, {len(report.rows)} parts)")
     return 0
 
 

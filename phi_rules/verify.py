@@ -163,11 +163,43 @@ def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
+class Adapter:
+    """A PEFT LoRA/DoRA adapter folder applied to the weights it names, as PEFT merges it:
+    W' = W + s·B·A with s = lora_alpha / r (or / sqrt(r) with rsLoRA); DoRA then rescales each output
+    row to its magnitude: W'' = m / ||W'||_row · W'. Used on both sides, each by its own names."""
+
+    def __init__(self, folder: Path, stack: ExitStack) -> None:
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            r, alpha = int(config["r"]), float(config["lora_alpha"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PhiRulesError(f"{folder}: not a PEFT adapter folder (adapter_config.json: {exc})") from None
+        self.scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        files = [f for f in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if f.is_file()]
+        if not files:
+            raise PhiRulesError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+        self.ckpt = stack.enter_context(Checkpoint(files[:1]))
+
+    def apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        module = "base_model.model." + name.removesuffix(".weight")
+        a = self.ckpt.tensors.get(module + ".lora_A.weight")
+        if not name.endswith(".weight") or a is None:
+            return weight
+        b = self.ckpt.tensors.get(module + ".lora_B.weight")
+        if b is None:
+            raise PhiRulesError(f"the adapter has {module}.lora_A.weight but no lora_B")
+        merged = weight + self.scale * (self.ckpt.load(b).float() @ self.ckpt.load(a).float())
+        magnitude = self.ckpt.tensors.get(module + ".lora_magnitude_vector")
+        if magnitude is not None:
+            merged = merged * (self.ckpt.load(magnitude).float() / merged.norm(dim=1))[:, None]
+        return merged
+
+
 class Reference:
     """The original architecture over the source checkpoint, one tensor read at a time."""
 
-    def __init__(self, ckpt: Checkpoint, layout: Layout, s: Sizes) -> None:
-        self.ckpt, self.layout, self.s = ckpt, layout, s
+    def __init__(self, ckpt: Checkpoint, layout: Layout, s: Sizes, adapter: Adapter | None = None) -> None:
+        self.ckpt, self.layout, self.s, self.adapter = ckpt, layout, s, adapter
 
     def name(self, template: str) -> str:
         return template.format(last=self.s.layers + self.layout.first_block)
@@ -176,7 +208,8 @@ class Reference:
         info = self.ckpt.tensors.get(name)
         if info is None:
             raise PhiRulesError(f"the source has no tensor {name!r}: not a {self.layout_name()} checkpoint?")
-        return self.ckpt.load(info).float()
+        tensor = self.ckpt.load(info).float()
+        return self.adapter.apply(name, tensor) if self.adapter else tensor
 
     def layout_name(self) -> str:
         return next(k for k, v in LAYOUTS.items() if v is self.layout)
@@ -227,10 +260,12 @@ class Reference:
 class Converted:
     """The output folder through transformers' own modules, one block materialised at a time."""
 
-    def __init__(self, folder: Path, stack: ExitStack) -> None:
+    def __init__(self, folder: Path, stack: ExitStack, adapter: Adapter | None = None) -> None:
         import torch
 
         from phi_rules.plan.target import model_class
+
+        self.adapter = adapter
 
         try:
             raw = json.loads((folder / "config.json").read_text())
@@ -255,7 +290,8 @@ class Converted:
         info = self.files.tensors.get(name)
         if info is None:
             raise PhiRulesError(f"{self.folder}: the output has no tensor {name!r}")
-        return self.files.load(info).float()
+        tensor = self.files.load(info).float()
+        return self.adapter.apply(name, tensor) if self.adapter else tensor
 
     def load(self, module: Any, prefix: str) -> Iterator[Any]:
         """Materialise ``module`` from the files for the duration of a ``with``-less loop body."""
@@ -329,9 +365,17 @@ def layer_rows(report: Report) -> list[tuple[str, float, float]]:
     return [(k, r.delta, r.tolerance) for k, r in grouped.items()]
 
 
-def verify(source: tuple[Path, ...], layout_name: str, config: dict[str, Any] | None, out: Path, tol: float) -> Report:
+def verify(
+    source: tuple[Path, ...],
+    layout_name: str,
+    config: dict[str, Any] | None,
+    out: Path,
+    tol: float,
+    adapters: tuple[Path, Path] | None = None,
+) -> Report:
     """Compare the original architecture on the source with the converted folder; tolerances are
-    ``tol`` times the scale (max |value|, at least 1) of each reference part."""
+    ``tol`` times the scale (max |value|, at least 1) of each reference part. ``adapters``: the
+    original adapter folder and its conversion, applied to each side's base by its own names."""
     import torch
 
     layout = LAYOUTS.get(layout_name)
@@ -345,8 +389,9 @@ def verify(source: tuple[Path, ...], layout_name: str, config: dict[str, Any] | 
 
     with torch.no_grad(), Checkpoint(weights) as ckpt, ExitStack() as stack:
         s = sizes(layout, config, str(weights[0].parent))
-        ref = Reference(ckpt, layout, s)
-        conv = Converted(out, stack)
+        original, converted = (Adapter(a, stack) for a in adapters) if adapters else (None, None)
+        ref = Reference(ckpt, layout, s, original)
+        conv = Converted(out, stack, converted)
         model = conv.model.model
         vocab = min(model.embed_tokens.num_embeddings, ckpt.tensors[layout.embed].shape[0])
         ids = torch.tensor([(7919 * i + 13) % vocab for i in range(TOKENS)])

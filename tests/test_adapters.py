@@ -73,6 +73,9 @@ def test_adapter_converts_by_function(cli, tmp_path: Path, layout: str, targets:
     assert sorted(loaded) == sorted(written)  # every LoRA module the file has was loaded, and no other exists
     for name, tensor in written.items():
         assert torch.equal(loaded[name], tensor), name
+    verify = ["verify", "--source", tmp_path / "adapter", tmp_path / "adapter-out"]
+    code, _, err = cli(*verify, "--base", tmp_path / "base", tmp_path / "base-out")
+    assert code == 0, err
     with torch.no_grad():
         got = adapted(IDS[None]).logits[0]
         assert (got - expected).abs().max().item() <= 1e-5
@@ -122,3 +125,24 @@ def test_without_peft_adapter_conversion_says_so(cli, tmp_path: Path, monkeypatc
     assert err.strip() == (
         "error: converting adapters needs PEFT, which is not installed: pip install 'phi-rules[peft]'"
     )
+
+
+def test_verify_catches_a_wrong_adapter_conversion(cli, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    state = random_state(CFG, seed=8)
+    write_checkpoint(tmp_path / "base", state, CFG)
+    lora = LoraConfig(r=4, target_modules=["Wqkv", "fc2"], use_dora=True, init_lora_weights=False)
+    get_peft_model(original("msft", state), lora).save_pretrained(tmp_path / "adapter")
+    for src, out in (("base", "base-out"), ("adapter", "adapter-out")):
+        assert cli("apply", "--source", tmp_path / src, "--out", tmp_path / out, "--quiet")[0] == 0
+    verify = ["verify", "--source", tmp_path / "adapter", tmp_path / "adapter-out"]
+    base = ["--base", tmp_path / "base", tmp_path / "base-out"]
+    assert cli(*verify, *base)[0] == 0
+    written = load_file(tmp_path / "adapter-out" / "adapter_model.safetensors")
+    q, k = (f"base_model.model.model.layers.0.self_attn.{p}_proj.lora_B.weight" for p in "qk")
+    written[q], written[k] = written[k].clone(), written[q].clone()  # the row blocks of B mixed up
+    save_file(written, tmp_path / "adapter-out" / "adapter_model.safetensors", metadata={"format": "pt"})
+    code, _, err = cli(*verify, *base)
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'adapter-out'}: layer 0 attention diverges"), err
