@@ -249,6 +249,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell, two spaces apart; the last one is left as it is."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+    for r in [head, *rows]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip())
+
+
 def _print_diagnostics(diags: Sequence[Diagnostic]) -> None:
     for d in diags:
         print(f"error: {d}" if d.file is None else str(d), file=sys.stderr)
@@ -311,9 +318,7 @@ def _list(as_json: bool) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     table = [(str(r["name"] or "-"), str(r["layout"] or "-"), str(r["file"]), str(r["description"])) for r in rows]
-    widths = [max(len(t[i]) for t in [("name", "layout", "file", ""), *table]) for i in range(3)]
-    for t in [("name", "layout", "file", "description"), *table]:
-        print("  ".join([*(c.ljust(w) for c, w in zip(t, widths, strict=False)), t[3]]))
+    _print_table(("name", "layout", "file", "description"), table)
     return 0
 
 
@@ -365,10 +370,7 @@ def _detect(args: argparse.Namespace) -> int:
         print(json.dumps({"source": str(args.source), "fits": [f.to_json() for f in fits]}, indent=2))
         return 0 if len(good) == 1 else 1
     rows = [(f.rules.name, f.rules.layout or "-", "yes" if f.fits else "no", f.reason) for f in fits]
-    head = ("rule", "layout", "fits", "why not")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
-    for r in [head, *rows]:
-        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[3]]).rstrip())
+    _print_table(("rule", "layout", "fits", "why not"), rows)
     if len(good) == 1 and good[0].rules.converted:
         print(f"\n{args.source}: already in today's layout: load it with from_pretrained, no conversion needed")
     elif len(good) == 1:
@@ -439,10 +441,7 @@ def _plan(args: argparse.Namespace) -> int:
         )
         for t in result.tensors
     ]
-    head = ("output", "shape", "dtype", "<- source", "ops", "steps")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for r in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(("output", "shape", "dtype", "<- source", "ops", "steps"), rows)
     print(
         f"\n{result.rules.name}: {len(result.tensors)} tensors, {result.total_bytes / 1e9:.3f} GB, "
         f"{result.rules.target.architecture} with {json.dumps(result.config)}"

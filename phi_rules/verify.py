@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,24 +195,28 @@ class Adapter:
         return merged
 
 
+def _weight(ckpt: Checkpoint, name: str, adapter: Adapter | None, missing: str) -> torch.Tensor:
+    """One tensor in float32, with the adapter (if any) applied to it by the same name."""
+    info = ckpt.tensors.get(name)
+    if info is None:
+        raise PhiRulesError(missing)
+    tensor = ckpt.load(info).float()
+    return adapter.apply(name, tensor) if adapter else tensor
+
+
 class Reference:
     """The original architecture over the source checkpoint, one tensor read at a time."""
 
-    def __init__(self, ckpt: Checkpoint, layout: Layout, s: Sizes, adapter: Adapter | None = None) -> None:
-        self.ckpt, self.layout, self.s, self.adapter = ckpt, layout, s, adapter
+    def __init__(self, ckpt: Checkpoint, layout_name: str, s: Sizes, adapter: Adapter | None = None) -> None:
+        self.ckpt, self.layout_name, self.layout, self.s = ckpt, layout_name, LAYOUTS[layout_name], s
+        self.adapter = adapter
 
     def name(self, template: str) -> str:
         return template.format(last=self.s.layers + self.layout.first_block)
 
     def get(self, name: str) -> torch.Tensor:
-        info = self.ckpt.tensors.get(name)
-        if info is None:
-            raise PhiRulesError(f"the source has no tensor {name!r}: not a {self.layout_name()} checkpoint?")
-        tensor = self.ckpt.load(info).float()
-        return self.adapter.apply(name, tensor) if self.adapter else tensor
-
-    def layout_name(self) -> str:
-        return next(k for k, v in LAYOUTS.items() if v is self.layout)
+        missing = f"the source has no tensor {name!r}: not a {self.layout_name} checkpoint?"
+        return _weight(self.ckpt, name, self.adapter, missing)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.get(self.layout.embed)[ids]
@@ -287,18 +291,17 @@ class Converted:
         self.folder = folder
 
     def get(self, name: str) -> torch.Tensor:
-        info = self.files.tensors.get(name)
-        if info is None:
-            raise PhiRulesError(f"{self.folder}: the output has no tensor {name!r}")
-        tensor = self.files.load(info).float()
-        return self.adapter.apply(name, tensor) if self.adapter else tensor
+        return _weight(self.files, name, self.adapter, f"{self.folder}: the output has no tensor {name!r}")
 
-    def load(self, module: Any, prefix: str) -> Iterator[Any]:
-        """Materialise ``module`` from the files for the duration of a ``with``-less loop body."""
+    @contextmanager
+    def loaded(self, module: Any, prefix: str) -> Iterator[Any]:
+        """``module`` filled from the files inside the ``with``, and back on ``meta`` (memory freed) after it."""
         state = {k: self.get(prefix + k) for k in module.state_dict()}
         module.load_state_dict(state, assign=True)
-        yield module
-        module.to("meta")
+        try:
+            yield module
+        finally:
+            module.to("meta")
 
     def positions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
@@ -390,13 +393,13 @@ def verify(
     with torch.no_grad(), Checkpoint(weights) as ckpt, ExitStack() as stack:
         s = sizes(layout, config, str(weights[0].parent))
         original, converted = (Adapter(a, stack) for a in adapters) if adapters else (None, None)
-        ref = Reference(ckpt, layout, s, original)
+        ref = Reference(ckpt, layout_name, s, original)
         conv = Converted(out, stack, converted)
         model = conv.model.model
         vocab = min(model.embed_tokens.num_embeddings, ckpt.tensors[layout.embed].shape[0])
         ids = torch.tensor([(7919 * i + 13) % vocab for i in range(TOKENS)])
         x_ref = ref.embed(ids)
-        for emb in conv.load(model.embed_tokens, "model.embed_tokens."):
+        with conv.loaded(model.embed_tokens, "model.embed_tokens.") as emb:
             x_conv = emb(ids[None])
         add("embeddings", x_ref, x_conv[0], "check model.embed_tokens.weight")
         t = ids.shape[0]
@@ -404,7 +407,7 @@ def verify(
         for i in range(min(s.layers, len(model.layers))):
             parts = ref.block(i, x_ref)
             where = f"model.layers.{i}"
-            for layer in conv.load(model.layers[i], f"{where}."):
+            with conv.loaded(model.layers[i], f"{where}.") as layer:
                 pe = conv.positions(x_ref[None])
                 h = layer.input_layernorm(x_ref[None])
                 attn = layer.self_attn(hidden_states=h, position_embeddings=pe, attention_mask=mask)[0]
@@ -423,9 +426,9 @@ def verify(
                 Row("layers", math.inf, 0.0, f"the source has {s.layers} layers, the output {len(model.layers)}")
             )
         final = ref.head(x_ref)
-        for norm in conv.load(model.final_layernorm, "model.final_layernorm."):
+        with conv.loaded(model.final_layernorm, "model.final_layernorm.") as norm:
             add("final norm", final["final norm"], norm(x_ref[None])[0], "check model.final_layernorm")
             x_conv = norm(x_conv)
-        for head in conv.load(conv.model.lm_head, "lm_head."):
+        with conv.loaded(conv.model.lm_head, "lm_head.") as head:
             add("logits", final["logits"], head(x_conv)[0], "check lm_head (and every layer above)")
     return Report(rows)

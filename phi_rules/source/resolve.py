@@ -21,7 +21,6 @@ from phi_rules.language.rules import FileSpec, Rules
 from phi_rules.options import SourceOptions
 from phi_rules.source.header import TensorInfo, parse_safetensors_header
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # What --tokenizer copies, and what counts as a usable tokenizer in an output folder.
 TOKENIZER_FILES = (
     "tokenizer.json",
