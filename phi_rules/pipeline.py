@@ -5,7 +5,7 @@ stage lives in its own package (``language``, ``source``, ``plan``, ``write``) a
 runs them in order. Output is written into a temporary sibling folder and renamed into place only
 when complete, so that an error, Ctrl-C or kill leaves nothing at the destination. Planning needs
 no torch; transformers (for the target check) and torch (for writing) are imported only once the
-sources are resolved and their hashing has started, so that the imports overlap with it.
+sources are resolved and their hashing has started, in a thread beside the byte copies.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from phi_rules.language.rules import Rules
 from phi_rules.options import Options
 from phi_rules.plan.planner import Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
+from phi_rules.source.digest import Hasher
 from phi_rules.source.header import TensorInfo
-from phi_rules.source.resolve import NO_TOKENIZER, Hasher, ResolvedSource, remote_tensors, resolve
+from phi_rules.source.resolve import NO_TOKENIZER, ResolvedSource, remote_tensors, resolve
 from phi_rules.write import output
 
 Progress = Callable[[int], None]
@@ -248,7 +249,9 @@ def _convert(
     tokenizer = resolved.has_tokenizer() or rules.target.adapter is not None  # an adapter uses its base's
     if not tokenizer and (options.require_tokenizer or rules.target.require_tokenizer):
         raise PhiRulesError(f"{out}: not written: {NO_TOKENIZER}")
-    hasher = Hasher(resolved)  # checks pins, then hashes in the background from here on
+    records = (options.format or rules.target.format) == "safetensors"  # a .bin has no metadata for them
+    hashed = [w for w in resolved.weights if records or w in resolved.pins]
+    hasher = Hasher(hashed, resolved.pins)  # hashes in the background from here on, pins checked at the end
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with _terminate_as_interrupt(), Checkpoint(resolved.weights) as ckpt:
@@ -265,8 +268,11 @@ def _convert(
                 _flush_to_disk(tmp)
             _commit(tmp, out)
     except BaseException as exc:
+        corrupt = hasher.mismatch() if isinstance(exc, PhiRulesError) else None
         hasher.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
+        if corrupt is not None:
+            raise corrupt from None
         if isinstance(exc, OSError):  # a full disk, a file too large, a folder that vanished
             raise PhiRulesError(f"{exc.filename or out}: cannot write the output: {exc.strerror or exc}") from None
         raise

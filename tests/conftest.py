@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +18,15 @@ PHI_RULES = [sys.executable, "-m", "phi_rules"]  # the CLI in a process of its o
 def run_phi_rules(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``phi-rules ARGS`` as a child process, for what must not share this process (signals, hub settings)."""
     return subprocess.run([*PHI_RULES, *map(str, args)], capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def digest_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Source digests are remembered in a folder of this test run's own, never in the user's cache; child
+    processes inherit it."""
+    folder = tmp_path_factory.mktemp("phi-rules-cache")
+    os.environ["PHI_RULES_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -153,28 +154,109 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformer
     assert run.stdout.strip() == "[]"
 
 
-def test_byte_copies_never_materialise_a_tensor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Every phi-2 output is a rename or a dim-0 split: all of them must go file to file, none through torch."""
-    from phi_reference import assert_same_function
-
+def _refuse_materialising(monkeypatch: pytest.MonkeyPatch) -> None:
     from phi_rules.source.checkpoint import Checkpoint
-
-    cfg = MsftConfig(vocab_size=96, n_layer=2)
-    state = random_state(cfg, torch.float16, seed=4)
-    src = write_checkpoint(tmp_path / "src", state, cfg, shards=2)
 
     def materialised(self: Checkpoint, info: object) -> torch.Tensor:
         raise AssertionError(f"tensor read into memory: {info}")
 
     monkeypatch.setattr(Checkpoint, "load", materialised)
-    options = phi_rules.Options(source=phi_rules.SourceOptions(source=src))
-    phi_rules.convert(phi_rules.load_rules(ROOT / "rules" / "phi-2.yaml"), tmp_path / "out", options)
+
+
+def test_byte_copies_and_casts_never_materialise_a_tensor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every phi-2 output is a rename or a dim-0 split: all of them go file to file, and with --dtype they
+    stream through the cast in chunks; none is read into memory whole."""
+    from phi_reference import assert_same_function
+    from safetensors.torch import load_file
+
+    cfg = MsftConfig(vocab_size=96, n_layer=2)
+    state = random_state(cfg, torch.float16, seed=4)
+    src = write_checkpoint(tmp_path / "src", state, cfg, shards=2)
+    rules = phi_rules.load_rules(PHI2)
+    _refuse_materialising(monkeypatch)
+    for dtype in (None, "float32", "bfloat16"):
+        options = phi_rules.Options(source=phi_rules.SourceOptions(source=src), dtype=dtype)
+        phi_rules.convert(rules, tmp_path / str(dtype), options)
     monkeypatch.undo()
-    assert_same_function(tmp_path / "out", state, cfg)
-    with pytest.raises(AssertionError, match="tensor read into memory"):  # a cast must compute, and does
-        monkeypatch.setattr(Checkpoint, "load", materialised)
+    assert_same_function(tmp_path / "None", state, cfg)
+    assert_same_function(tmp_path / "float32", {k: v.float() for k, v in state.items()}, cfg)
+    got = load_file(tmp_path / "bfloat16" / "model.safetensors")
+    assert torch.equal(got["model.embed_tokens.weight"], state["transformer.embd.wte.weight"].to(torch.bfloat16))
+    v = state["transformer.h.1.mixer.Wqkv.weight"].to(torch.bfloat16).chunk(3)[2]
+    assert torch.equal(got["model.layers.1.self_attn.v_proj.weight"], v)
+
+
+def test_moved_elements_are_computed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The other side of the guard above: a de-interleave moves elements, so it goes through torch."""
+    from phi_reference import config_436, to_transformers_436
+
+    cfg = MsftConfig(vocab_size=96, n_layer=2)
+    src = write_checkpoint(tmp_path / "src", to_transformers_436(random_state(cfg, torch.float16, seed=5), cfg), None)
+    (src / "config.json").write_text(json.dumps(config_436(cfg)))
+    _refuse_materialising(monkeypatch)
+    with pytest.raises(AssertionError, match=r"tensor read into memory: .*query_key_value"):
         phi_rules.convert(
-            phi_rules.load_rules(ROOT / "rules" / "phi-2.yaml"),
-            tmp_path / "cast",
-            phi_rules.Options(source=phi_rules.SourceOptions(source=src), dtype="float32"),
+            phi_rules.load_rules(ROOT / "rules" / "transformers-4.36.yaml"),
+            tmp_path / "out",
+            phi_rules.Options(source=phi_rules.SourceOptions(source=src)),
         )
+
+
+@pytest.mark.parametrize("to", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shard", [300_000, 5 * 10**9])
+def test_casts_cut_into_small_pieces_are_exact(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shard: int, to: torch.dtype
+) -> None:
+    """Pieces of a few elements, cast on every core and joined across tensors and shards, give exactly
+    what torch's ``to`` gives."""
+    from safetensors.torch import load_file
+
+    from phi_rules.write import stream
+
+    cfg = MsftConfig(vocab_size=96, n_layer=2)
+    state = random_state(cfg, torch.bfloat16, seed=6)
+    src = write_checkpoint(tmp_path / "src", state, cfg, shards=2)
+    monkeypatch.setattr(stream, "CAST_CHUNK", 998)  # 499 bf16 elements: no piece aligns with a tensor
+    to_name = str(to).removeprefix("torch.")
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=src), dtype=to_name, max_shard_bytes=shard)
+    phi_rules.convert(phi_rules.load_rules(PHI2), tmp_path / "out", options)
+    got = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        got |= load_file(f)
+    assert len(got) == 5 + 14 * cfg.n_layer and all(t.dtype == to for t in got.values())
+    assert torch.equal(got["lm_head.weight"], state["lm_head.linear.weight"].to(to))
+    assert torch.equal(got["model.layers.1.mlp.fc2.weight"], state["transformer.h.1.mlp.fc2.weight"].to(to))
+    k = state["transformer.h.0.mixer.Wqkv.bias"].to(to).chunk(3)[1]
+    assert torch.equal(got["model.layers.0.self_attn.k_proj.bias"], k)
+
+
+@pytest.mark.parametrize(("a", "b"), [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_fast_half_cast_is_bit_identical_to_torch(a: torch.dtype, b: torch.dtype) -> None:
+    """Every one of the 65536 bit patterns, infinities and subnormals included, twice over so that the
+    float32 scratch is used in more than one chunk; a NaN stays a NaN (torch's own path makes it 0x7fc0)."""
+    from phi_rules.cast import CHUNK, cast
+
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).repeat(2 * CHUNK // 2**16 + 1)
+    x = bits.view(a)
+    got, want = cast(x, b), x.to(b)
+    nan = torch.isnan(x)
+    assert got.dtype == b
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert torch.isnan(got[nan]).all() and int(nan.sum()) > 0
+
+
+def test_a_tensor_past_two_gib_is_read_whole(tmp_path: Path) -> None:
+    """Linux returns at most 2 GiB from one read call: a larger tensor takes several (a sparse file here)."""
+    from phi_rules.source.checkpoint import Checkpoint
+
+    n = 2**31 + 4096
+    header = json.dumps({"big": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    path = tmp_path / "big.safetensors"
+    with path.open("wb") as fh:
+        fh.write(len(header).to_bytes(8, "little") + header)
+        fh.truncate(8 + len(header) + n)
+        fh.seek(8 + len(header) + n - 1)
+        fh.write(b"\x07")
+    with Checkpoint([path]) as ckpt:
+        t = ckpt.load(ckpt.tensors["big"])
+        assert t.shape == (n,) and int(t[-1]) == 7 and int(t[2**31 - 1]) == 0

@@ -345,7 +345,9 @@ class Cast(Op):
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         import torch
 
-        return [t.to(getattr(torch, self.dtype)) for t in tensors]
+        from phi_rules.cast import cast
+
+        return [cast(t, getattr(torch, self.dtype)) for t in tensors]
 
     def __str__(self) -> str:
         return f"cast({self.dtype})"

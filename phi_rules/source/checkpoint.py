@@ -62,6 +62,18 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset``; returns the bytes read, fewer only at the end of the file (one read
+    call returns at most 2 GiB on Linux)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
 class Checkpoint:
     """All tensors of a set of weight files, with lazy access to each tensor's data."""
 
@@ -97,11 +109,9 @@ class Checkpoint:
         import torch
 
         begin, end = info.span
-        buf = bytearray(end - begin)
-        got = os.preadv(self.fd(info.file), [buf], begin) if buf else 0
-        if got != len(buf):
+        flat = torch.empty(end - begin, dtype=torch.uint8)  # unlike a bytearray, not zero-filled first
+        if len(flat) and read_into(self.fd(info.file), flat.numpy().data, begin) != len(flat):
             raise PhiRulesError(f"{info.file}: short read for tensor {info.name!r} (file truncated?)")
-        flat = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
         return flat.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:

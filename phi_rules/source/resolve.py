@@ -6,11 +6,9 @@ folders are searched the way ``from_pretrained`` searches them. Every failure be
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,57 +66,6 @@ class ResolvedSource:
         if not isinstance(data, dict):
             raise PhiRulesError(f"{self.config_path}: the source config is not a JSON object")
         return data
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(16 * 1024 * 1024)  # one buffer, reused: no fresh allocation per chunk
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def checked_sha256(path: Path, expected: str) -> str:
-    """The file's sha256, which must be the one the rule pins."""
-    actual = sha256_file(path)
-    if actual != expected:
-        raise PhiRulesError(f"{path}: sha256 mismatch: the rule pins {expected}, the file has {actual}")
-    return actual
-
-
-class Hasher:
-    """sha256 of the source files: every pinned file checked now, unpinned weights hashed in the background."""
-
-    def __init__(self, resolved: ResolvedSource) -> None:
-        for path, expected in resolved.pins.items():
-            if path not in resolved.weights:  # config and extra files: checked, not recorded
-                checked_sha256(path, expected)
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._jobs: dict[Path, Future[str]] = {}
-        for path in resolved.weights:
-            pin = resolved.pins.get(path)
-            if pin is None:
-                self._jobs[path] = self._pool.submit(sha256_file, path)
-                continue
-            try:
-                actual = checked_sha256(path, pin)
-            except PhiRulesError:
-                self._pool.shutdown(cancel_futures=True)
-                raise
-            done: Future[str] = Future()
-            done.set_result(actual)
-            self._jobs[path] = done
-
-    def result(self) -> dict[str, str]:
-        try:
-            return {p.name: f.result() for p, f in self._jobs.items()}
-        finally:
-            self._pool.shutdown()
-
-    def cancel(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --- local folders ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
+from phi_rules.cast import cast
 from phi_rules.dtypes import itemsize
 from phi_rules.plan.planner import Computation, Pick, PlannedTensor, Value
 from phi_rules.source.checkpoint import Checkpoint, torch_dtype
@@ -49,7 +50,7 @@ class Executor:
 
     def tensor(self, planned: PlannedTensor) -> torch.Tensor:
         """The output tensor on the CPU, in its written dtype, contiguous and owning its storage."""
-        t = self._value(planned.value).to(torch_dtype(planned.dtype)).contiguous().cpu()
+        t = cast(self._value(planned.value), torch_dtype(planned.dtype)).contiguous().cpu()
         if t.untyped_storage().nbytes() != t.numel() * itemsize(planned.dtype):
             t = t.clone()  # a view into a larger tensor (split output): keep only its own bytes
         return t

@@ -7,15 +7,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phi_rules.language.ops import Segment
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options
-from phi_rules.plan.planner import Plan
+from phi_rules.plan.planner import Plan, PlannedTensor
 from phi_rules.source.checkpoint import Checkpoint
-from phi_rules.source.resolve import Hasher, ResolvedSource
+from phi_rules.source.digest import Hasher
+from phi_rules.source.resolve import ResolvedSource
+from phi_rules.write import stream
 from phi_rules.write.safetensors import SafetensorsWriter
-from phi_rules.write.segments import byte_segments
+from phi_rules.write.segments import source_segments
 
 if TYPE_CHECKING:  # torch is imported only when a tensor's bytes change: byte copies need none
+    import torch
+
     from phi_rules.write.execute import Executor
 
 Progress = Callable[[int], None]
@@ -51,26 +56,52 @@ def write_weights(
             state[t.name] = executor.tensor(t)
             progress(t.nbytes)
         torch.save(state, folder / "pytorch_model.bin")
-        hasher.cancel()  # a .bin has no metadata to record them in
+        hasher.result()  # the pins, checked (a .bin has no metadata to record the digests in)
         return
-    computing: Executor | None = None
     placeholder = {p.name: "0" * 64 for p in resolved.weights}
     single = "adapter_model.safetensors" if result.adapter_config is not None else None
     writer = SafetensorsWriter(
         folder, result.tensors, options.max_shard_bytes, _metadata(result.rules, resolved, placeholder), single
     )
     try:
+        moves: list[tuple[PlannedTensor, list[Segment], str]] = []
+        computed: list[PlannedTensor] = []
         for t in writer.order():
-            segments = byte_segments(t.value, t.dtype)
-            if segments is not None:
-                writer.copy_segments(t, segments, ckpt.fd)
+            got = source_segments(t.value)
+            if got is None or (got[1] != t.dtype and options.device != "cpu"):  # casts on --device as asked
+                computed.append(t)
             else:
-                computing = computing or _executor(ckpt, result, options)
-                writer.write_tensor(t, computing.tensor(t))
-            progress(t.nbytes)
+                moves.append((t, *got))
+        runs = writer.runs(sorted(moves, key=_source_order))
+        stream.copy([r for r in runs if r.dtype == r.to], ckpt.fd, writer.fds, progress)
+        casts = [r for r in runs if r.dtype != r.to]
+        if casts:
+            stream.cast(casts, ckpt.fd, writer.fds, progress)
+        if computed:
+            _write_computed(writer, computed, _executor(ckpt, result, options), progress)
         writer.finish(_metadata(result.rules, resolved, hasher.result()))
     finally:
         writer.close()
+
+
+def _source_order(move: tuple[PlannedTensor, list[Segment], str]) -> tuple[str, int]:
+    """Bytes move through each source file front to back, as its hash thread reads it: the two share the
+    page cache, so every source byte is read from storage once."""
+    segments = move[1]
+    return (segments[0][0], segments[0][1]) if segments else ("", 0)
+
+
+def _write_computed(
+    writer: SafetensorsWriter, tensors: list[PlannedTensor], executor: Executor, progress: Progress
+) -> None:
+    """Each tensor computed while the one before it is written; at most two outputs alive at once, besides
+    the inputs of the one being computed."""
+
+    def write(t: PlannedTensor, tensor: torch.Tensor) -> None:
+        writer.write_tensor(t, tensor)
+        progress(t.nbytes)
+
+    stream.pipelined(tensors, lambda _, t: executor.tensor(t), write)
 
 
 def _executor(ckpt: Checkpoint, result: Plan, options: Options) -> Executor:

@@ -8,22 +8,19 @@ is reserved with placeholders of the same length.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from phi_rules.errors import PhiRulesError
 from phi_rules.language.ops import Segment
 from phi_rules.plan.planner import PlannedTensor
 from phi_rules.source.header import ST_CODES
+from phi_rules.write.stream import Run, join, pwrite_all
 
 if TYPE_CHECKING:
     import torch
-
-CHUNK = 64 * 1024 * 1024
 
 
 def shard(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
@@ -51,30 +48,6 @@ def _header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
         offset += t.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data[:CHUNK], offset)
-        data, offset = data[n:], offset + n
-
-
-def copy_range(src: int, dst: int, begin: int, end: int, at: int) -> None:
-    """Copy bytes file to file in the kernel where it can (no pass through user space)."""
-    while begin < end:
-        try:
-            n = os.copy_file_range(src, dst, min(end - begin, 1 << 30), begin, at)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            n = 0
-        if n == 0:  # not supported here, or at EOF: fall back to plain reads and writes
-            chunk = os.pread(src, min(end - begin, CHUNK), begin)
-            if not chunk:
-                raise PhiRulesError("source file ended early (truncated?)")
-            _pwrite_all(dst, memoryview(chunk), at)
-            n = len(chunk)
-        begin, at = begin + n, at + n
 
 
 class SafetensorsWriter:
@@ -114,13 +87,18 @@ class SafetensorsWriter:
 
         i, offset = self.where[planned.name]
         data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else memoryview(b"")
-        _pwrite_all(self.fds[i], data.cast("B"), offset)
+        pwrite_all(self.fds[i], data.cast("B"), offset)
 
-    def copy_segments(self, planned: PlannedTensor, segments: list[Segment], fd_of: Callable[[str], int]) -> None:
-        i, offset = self.where[planned.name]
-        for file, begin, end in segments:
-            copy_range(fd_of(file), self.fds[i], begin, end, offset)
-            offset += end - begin
+    def runs(self, moves: Iterable[tuple[PlannedTensor, list[Segment], str]]) -> list[Run]:
+        """Where each output's source bytes go, adjacent ones joined; ``moves``: output, its source ranges and
+        their dtype, in the order to move them."""
+        runs: list[Run] = []
+        for planned, segments, dtype in moves:
+            shard_i, at = self.where[planned.name]
+            for file, begin, end in segments:
+                runs.append(Run(file, begin, end, shard_i, at, dtype, planned.dtype))
+                at += runs[-1].out_bytes
+        return join(runs)
 
     def finish(self, metadata: dict[str, str]) -> list[str]:
         """Write headers (now with final metadata) and the index; return the files written."""
@@ -128,7 +106,7 @@ class SafetensorsWriter:
             header = _header(tensors_i, metadata)
             if len(header) != self.header_len[i]:
                 raise AssertionError("metadata changed length between planning and writing")
-            _pwrite_all(self.fds[i], memoryview(len(header).to_bytes(8, "little") + header), 0)
+            pwrite_all(self.fds[i], memoryview(len(header).to_bytes(8, "little") + header), 0)
             os.close(self.fds[i])
         self.fds = []
         written = list(self.names)

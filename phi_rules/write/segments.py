@@ -1,8 +1,9 @@
-"""Which outputs are byte copies: follow each op over the source's byte ranges, without torch.
+"""Which outputs are source bytes in order: follow each op over the source's byte ranges, without torch.
 
-A tensor whose bytes no op changes (a rename, a split along dim 0 of a contiguous tensor, a cast to
-its own dtype) is copied file to file by the kernel; knowing that needs only the plan, so the copy
-can start before torch and transformers are imported.
+A tensor whose bytes no op moves (a rename, a split along dim 0 of a contiguous tensor, a cast to its
+own dtype) is copied file to file by the kernel; one whose elements only change dtype (``--dtype``) is
+cast in chunks as it streams by. Knowing that needs only the plan, so bytes move before torch and
+transformers are imported.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     return out
 
 
-def byte_segments(value: Value, out_dtype: str) -> list[Segment] | None:
-    """The output's bytes as ranges of source files, if no op changes them; else None."""
+def source_segments(value: Value) -> tuple[list[Segment], str] | None:
+    """The output's elements as ranges of source files, in order, and their dtype there; None when an op
+    moves them (a transpose) or computes them. Equal dtypes make a byte copy, others a streamed cast."""
 
     def walk(v: Value) -> list[Bytes] | None:
         if isinstance(v, TensorInfo):
@@ -42,6 +44,6 @@ def byte_segments(value: Value, out_dtype: str) -> list[Segment] | None:
         return [items[v.index]]
 
     got = walk(value)
-    if got is None or got[0][1].dtype != out_dtype or not got[0][1].contiguous:
+    if got is None or not got[0][1].contiguous:
         return None
-    return _merge(got[0][0])
+    return _merge(got[0][0]), got[0][1].dtype

@@ -1,0 +1,112 @@
+"""Source sha256s: computed beside the copy, remembered by file identity, never trusted for a changed file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from phi_reference import MsftConfig, random_state, write_checkpoint
+from safetensors import safe_open
+
+import phi_rules
+from phi_rules.source import digest
+
+PHI2 = ROOT / "rules" / "phi-2.yaml"
+CFG = MsftConfig(vocab_size=96, n_layer=2)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    return write_checkpoint(tmp_path / "src", random_state(CFG, torch.float16, seed=11), CFG)
+
+
+def recorded(out: Path) -> dict[str, str]:
+    with safe_open(out / "model.safetensors", "pt") as f:
+        return json.loads(f.metadata()["phi_rules.source_sha256"])
+
+
+def convert(rules: Path, source: Path, out: Path) -> None:
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=source))
+    phi_rules.convert(phi_rules.load_rules(rules), out, options)
+
+
+def flip_a_byte_keeping_size_and_mtime(path: Path) -> None:
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's data
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+def test_a_digest_is_remembered_until_the_file_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: Path
+) -> None:
+    monkeypatch.setenv("PHI_RULES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(digest, "FRESH_S", 0.0)  # the file was written a moment ago
+    weights = source / "model.safetensors"
+    convert(PHI2, source, tmp_path / "o1")
+    true = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert recorded(tmp_path / "o1") == {"model.safetensors": true}
+    (entry,) = (tmp_path / "cache" / "sha256").iterdir()
+    assert entry.read_text().strip() == true
+    entry.write_text("f" * 64 + "\n")  # what the next run reads instead of hashing the file
+    convert(PHI2, source, tmp_path / "o2")
+    assert recorded(tmp_path / "o2") == {"model.safetensors": "f" * 64}
+    flip_a_byte_keeping_size_and_mtime(weights)  # its ctime still moves: a new identity
+    convert(PHI2, source, tmp_path / "o3")
+    assert (
+        recorded(tmp_path / "o3")
+        == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+        != {"model.safetensors": true}
+    )
+
+
+def test_a_file_changed_moments_ago_is_not_remembered(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: Path
+) -> None:
+    """It may change again within the same timestamp tick, keeping its identity."""
+    monkeypatch.setenv("PHI_RULES_CACHE", str(tmp_path / "cache"))
+    convert(PHI2, source, tmp_path / "out")
+    assert recorded(tmp_path / "out") == {
+        "model.safetensors": hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    }
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("cache", ["", "a-file/cache"])
+def test_no_cache_or_an_unwritable_one_only_means_hashing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: Path, cache: str
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("PHI_RULES_CACHE", str(tmp_path / cache) if cache else "")
+    monkeypatch.setattr(digest, "FRESH_S", 0.0)
+    convert(PHI2, source, tmp_path / "out")
+    assert recorded(tmp_path / "out") == {
+        "model.safetensors": hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    }
+
+
+def test_a_remembered_digest_never_vouches_for_a_changed_pinned_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: Path
+) -> None:
+    monkeypatch.setenv("PHI_RULES_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(digest, "FRESH_S", 0.0)
+    weights = source / "model.safetensors"
+    pin = hashlib.sha256(weights.read_bytes()).hexdigest()
+    rule = tmp_path / "pinned.yaml"
+    rule.write_text(
+        f"version: 1\nname: pinned\nextends: {PHI2}\nsource: {{files: [{{name: model.safetensors, sha256: {pin}}}]}}\n"
+    )
+    convert(rule, source, tmp_path / "o1")  # checked, and remembered
+    assert [e.read_text().strip() for e in (tmp_path / "cache" / "sha256").iterdir()] == [pin]
+    flip_a_byte_keeping_size_and_mtime(weights)
+    with pytest.raises(phi_rules.PhiRulesError, match=f"model.safetensors: sha256 mismatch: the rule pins {pin}"):
+        convert(rule, source, tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "o1", "pinned.yaml", "src"]
