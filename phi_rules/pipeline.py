@@ -5,7 +5,7 @@ stage lives in its own package (``language``, ``source``, ``plan``, ``write``) a
 runs them in order. Output is written into a temporary sibling folder and renamed into place only
 when complete, so that an error, Ctrl-C or kill leaves nothing at the destination. Planning needs
 no torch; transformers (for the target check) and torch (for writing) are imported only once the
-sources are resolved and their hashing has started, in a thread beside the byte copies.
+sources are resolved and their hashing has started, in threads beside the byte copies.
 """
 
 from __future__ import annotations

@@ -28,8 +28,12 @@ def cache_folder() -> Path | None:
     """Where digests are remembered, or None when ``PHI_RULES_CACHE`` is set empty."""
     if "PHI_RULES_CACHE" in os.environ:
         return Path(os.environ["PHI_RULES_CACHE"]) if os.environ["PHI_RULES_CACHE"] else None
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "phi-rules"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "phi-rules"
+    try:
+        return Path.home() / ".cache" / "phi-rules"
+    except RuntimeError:  # no home folder to be found: hash every run
+        return None
 
 
 def _identity(path: Path) -> tuple[str, os.stat_result]:
