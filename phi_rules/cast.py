@@ -17,9 +17,13 @@ CHUNK = 1 << 15
 _HALVES = {torch.float16, torch.bfloat16}
 
 
+def _through_float32(src: torch.Tensor, dtype: torch.dtype) -> bool:
+    return src.device.type == "cpu" and {src.dtype, dtype} == _HALVES
+
+
 def cast_into(src: torch.Tensor, out: torch.Tensor) -> None:
     """Write ``src`` converted to ``out``'s dtype into ``out`` (contiguous, same shape), as ``to`` would."""
-    if {src.dtype, out.dtype} != _HALVES or src.device.type != "cpu":
+    if not _through_float32(src, out.dtype):
         out.copy_(src)
         return
     flat_src, flat_out = src.contiguous().view(-1), out.view(-1)
@@ -33,7 +37,7 @@ def cast_into(src: torch.Tensor, out: torch.Tensor) -> None:
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, the same bits for every value but NaN."""
-    if t.dtype == dtype or t.device.type != "cpu" or {t.dtype, dtype} != _HALVES:
+    if not _through_float32(t, dtype):
         return t.to(dtype)
     out = torch.empty(t.shape, dtype=dtype)
     cast_into(t, out)

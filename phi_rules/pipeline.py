@@ -31,8 +31,7 @@ from phi_rules.source.digest import Hasher
 from phi_rules.source.header import TensorInfo
 from phi_rules.source.resolve import NO_TOKENIZER, ResolvedSource, remote_tensors, resolve
 from phi_rules.write import output
-
-Progress = Callable[[int], None]
+from phi_rules.write.stream import Progress
 
 
 def checked(plan: Plan, dtype: str | None) -> Any:
@@ -97,20 +96,12 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
     return _planned(rules, tensors, resolved, options)[0]
 
 
-def _write_while_checking(
-    tmp: Path,
-    result: Plan,
-    ckpt: Checkpoint,
-    options: Options,
-    resolved: ResolvedSource,
-    hasher: Hasher,
-    progress: Progress,
-) -> Any:
-    """Move the bytes at once while a second thread imports transformers and checks the plan against the
-    target class; a failed check still fails the conversion (the caller removes the folder)."""
+def _write_while_checking(result: Plan, write: Callable[[], None]) -> Any:
+    """Move the bytes at once (``write``) while a second thread imports transformers and checks the plan
+    against the target class; a failed check still fails the conversion (the caller removes the folder)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi-rules-check") as pool:
         check = pool.submit(checked, result, _uniform_dtype(result))
-        output.write_weights(tmp, result, ckpt, options, resolved, hasher, progress)
+        write()
         return check.result()
 
 
@@ -249,7 +240,7 @@ def _convert(
     tokenizer = resolved.has_tokenizer() or rules.target.adapter is not None  # an adapter uses its base's
     if not tokenizer and (options.require_tokenizer or rules.target.require_tokenizer):
         raise PhiRulesError(f"{out}: not written: {NO_TOKENIZER}")
-    records = (options.format or rules.target.format) == "safetensors"  # a .bin has no metadata for them
+    records = output.weights_format(rules, options) == "safetensors"  # a .bin has no metadata for them
     hashed = [w for w in resolved.weights if records or w in resolved.pins]
     hasher = Hasher(hashed, resolved.pins)  # hashes in the background from here on, pins checked at the end
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -258,7 +249,10 @@ def _convert(
             result = make_plan(rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype)
             if result.problems:  # every problem at once, the target's included; nothing written
                 checked(result, _uniform_dtype(result))
-            config = _write_while_checking(tmp, result, ckpt, options, resolved, hasher, progress(result))
+            shown = progress(result)
+            config = _write_while_checking(
+                result, lambda: output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)
+            )
             output.write_config(tmp, result, config)
             if options.verify is not None:
                 check_function(rules, resolved, tmp, options.verify, out)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,13 +17,12 @@ from phi_rules.source.resolve import ResolvedSource
 from phi_rules.write import stream
 from phi_rules.write.safetensors import SafetensorsWriter
 from phi_rules.write.segments import source_segments
+from phi_rules.write.stream import Progress
 
 if TYPE_CHECKING:  # torch is imported only when a tensor's bytes change: byte copies need none
     import torch
 
     from phi_rules.write.execute import Executor
-
-Progress = Callable[[int], None]
 
 
 def _metadata(rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str]) -> dict[str, str]:
@@ -37,6 +36,11 @@ def _metadata(rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str])
     }
 
 
+def weights_format(rules: Rules, options: Options) -> str:
+    """``safetensors`` or ``bin``: the option wins over the rule."""
+    return options.format or rules.target.format
+
+
 def write_weights(
     folder: Path,
     result: Plan,
@@ -46,8 +50,7 @@ def write_weights(
     hasher: Hasher,
     progress: Progress,
 ) -> None:
-    fmt = options.format or result.rules.target.format
-    if fmt == "bin":
+    if weights_format(result.rules, options) == "bin":
         import torch
 
         executor = _executor(ckpt, result, options)
