@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,8 +28,8 @@ from phi_rules.plan.planner import Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
 from phi_rules.source.header import TensorInfo
-from phi_rules.source.resolve import NO_TOKENIZER, ResolvedSource, remote_tensors, resolve
-from phi_rules.write import output
+from phi_rules.source.resolve import NO_TOKENIZER, TOKENIZER_FILES, ResolvedSource, remote_tensors, resolve
+from phi_rules.write import destination, output
 from phi_rules.write.stream import Progress
 
 
@@ -142,51 +141,6 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """One apply at a time per --out: a second one fails at once instead of racing the first's rename."""
-    import fcntl
-
-    lock = out.parent / f".{out.name}.lock"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-    except OSError as exc:
-        raise PhiRulesError(f"{exc.filename or out.parent}: cannot write the output here: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PhiRulesError(f"{out}: another phi-rules apply is writing this folder right now") from None
-        try:
-            yield
-        finally:
-            os.unlink(lock)  # still held: a run that opened it meanwhile fails to lock and stops
-    finally:
-        os.close(fd)
-
-
-def _prepare_destination(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PhiRulesError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise PhiRulesError(f"{out}: folder exists and is not empty (use --force to replace it)")
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one (with --force) is removed only afterwards."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _flush_to_disk(folder: Path) -> None:
     """fsync every file and the folder, so the rename publishes data that survives a power loss."""
     for path in [*folder.iterdir(), folder]:
@@ -219,9 +173,22 @@ def convert(
     """Convert one rule's source into ``out``, a folder ``from_pretrained`` loads; returns the plan used."""
     options = options or Options()
     _refuse_converted(rules, options)
-    out = Path(out)
-    with _locked(out):
+    out = destination.absolute(Path(out))
+    destination.refuse_overlap(out, _given_sources(rules, options))
+    with destination.locked(out):
+        destination.clear_stale(out, note)
         return _convert(rules, out, options, note, warn, progress)
+
+
+def _given_sources(rules: Rules, options: Options) -> list[Path]:
+    """The local paths a conversion reads, before any resolution: each named folder with what lies in it
+    (the files of an HF cache snapshot are links into its blobs folder)."""
+    src = options.source
+    named = [src.source, rules.source.path if src.source is None and src.hub is None else None]
+    if src.tokenizer is not None:
+        named.append(Path(src.tokenizer))
+    paths = [p for p in named if p is not None and p.exists()]
+    return paths + [f for p in paths if p.is_dir() for f in p.iterdir()]
 
 
 def _convert(
@@ -232,9 +199,11 @@ def _convert(
     warn: Callable[[str], None],
     progress: Callable[[Plan], Progress],
 ) -> Plan:
-    _prepare_destination(out, options.force)
+    destination.prepare(out, options.force, [*(f.name for f in rules.source.extra_files), *TOKENIZER_FILES])
     _check_device(options.device)
     resolved = resolve(rules, options.source)
+    files = [*resolved.weights, *resolved.extras, *([resolved.config_path] if resolved.config_path else [])]
+    destination.refuse_overlap(out, [*files, *(p.parent for p in files)])  # hub snapshots and their blobs
     for n in resolved.notes:
         note(n)
     tokenizer = resolved.has_tokenizer() or rules.target.adapter is not None  # an adapter uses its base's
@@ -243,7 +212,7 @@ def _convert(
     records = output.weights_format(rules, options) == "safetensors"  # a .bin has no metadata for them
     hashed = [w for w in resolved.weights if records or w in resolved.pins]
     hasher = Hasher(hashed, resolved.pins)  # hashes in the background from here on, pins checked at the end
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = destination.temporary(out)
     try:
         with _terminate_as_interrupt(), Checkpoint(resolved.weights) as ckpt:
             result = make_plan(rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype)
@@ -260,7 +229,7 @@ def _convert(
                 shutil.copyfile(extra, tmp / extra.name)
             if options.fsync:
                 _flush_to_disk(tmp)
-            _commit(tmp, out)
+            destination.commit(tmp, out)
     except BaseException as exc:
         corrupt = hasher.mismatch() if isinstance(exc, PhiRulesError) else None
         hasher.cancel()

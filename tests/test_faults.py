@@ -419,19 +419,6 @@ def test_force_replacing_a_good_folder_keeps_it_when_the_new_conversion_fails(cl
     assert leftovers(tmp_path) == []
 
 
-def test_leftover_of_a_killed_run_is_ignored_and_the_next_run_succeeds(cli, tmp_path: Path) -> None:
-    """What a SIGKILL leaves (a hidden partial folder, a stale lock file) does not stop the next run."""
-    src = good(tmp_path)
-    partial = tmp_path / ".out.partial-killed"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"half")
-    (tmp_path / ".out.lock").write_text("")  # its lock file, but no process holds the lock any more
-    code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--quiet")
-    assert code == 0, err
-    assert (tmp_path / "out" / "model.safetensors").is_file()
-    assert partial.is_dir()  # not ours to delete: another run's, shown as hidden
-
-
 def test_two_concurrent_applies_to_one_out(tmp_path: Path) -> None:
     """Started together: exactly one writes the folder, the other fails with one line; the folder is whole."""
     src = good(tmp_path)

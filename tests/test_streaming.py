@@ -260,3 +260,26 @@ def test_a_tensor_past_two_gib_is_read_whole(tmp_path: Path) -> None:
     with Checkpoint([path]) as ckpt:
         t = ckpt.load(ckpt.tensors["big"])
         assert t.shape == (n,) and int(t[-1]) == 7 and int(t[2**31 - 1]) == 0
+
+
+def test_copies_without_copy_file_range_are_exact(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """macOS and Windows have no os.copy_file_range: the plain read/write path writes the same bytes."""
+    src = write_checkpoint(tmp_path / "src", random_state(BIG, torch.float16, seed=5), BIG, shards=2)
+    rules = phi_rules.load_rules(PHI2)
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=src))
+    phi_rules.convert(rules, tmp_path / "kernel", options)
+    calls: list[int] = []
+    real_pread = os.pread
+
+    def counted_pread(fd: int, n: int, offset: int) -> bytes:
+        calls.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.delattr(os, "copy_file_range")
+    monkeypatch.setattr(os, "pread", counted_pread)
+    phi_rules.convert(rules, tmp_path / "portable", options)
+    monkeypatch.undo()
+    assert sum(calls) >= (tmp_path / "kernel" / "model.safetensors").stat().st_size // 2  # the fallback ran
+    assert (tmp_path / "kernel" / "model.safetensors").read_bytes() == (
+        tmp_path / "portable" / "model.safetensors"
+    ).read_bytes()

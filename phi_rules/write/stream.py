@@ -70,12 +70,14 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def copy(runs: list[Run], src: FdOf, dst: list[int], progress: Progress) -> None:
-    """Copy bytes file to file in the kernel where it can (no pass through user space)."""
+    """Copy bytes file to file in the kernel where it can (no pass through user space); macOS and Windows
+    have no ``copy_file_range`` and take the plain reads and writes."""
+    kernel_copy = getattr(os, "copy_file_range", None)
     for run in runs:
         begin, end, at = run.begin, run.end, run.at
         while begin < end:
             try:
-                n = os.copy_file_range(src(run.file), dst[run.shard], min(end - begin, CHUNK), begin, at)
+                n = kernel_copy(src(run.file), dst[run.shard], min(end - begin, CHUNK), begin, at) if kernel_copy else 0
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                     raise
