@@ -21,6 +21,8 @@ examples:
   phi-rules apply --source ./my-phi-checkpoint --out converted    the layout is detected: no rule to pick
   phi-rules apply --source someone/phi-2-finetune@abc123 --out converted        a hub repository
   phi-rules detect ./my-phi-checkpoint          which rule fits, and why the others do not
+  phi-rules apply --source ./phi-4 --to llama --out phi-4-llama     Phi-3/Phi-4 to Llama (or mistral)
+  phi-rules apply --source ./phi-4-llama --to phi3 --out phi-4      and back
   phi-rules verify --source ./my-phi-checkpoint converted         prove the output by its function
   phi-rules apply phi-2 --out phi-2             a shipped rule by name: download at the pinned revision
   phi-rules plan phi-2 --source ./ckpt          dry run: what would be written, from headers only
@@ -32,6 +34,12 @@ A rule file is YAML checked against `phi-rules schema`; the README documents eve
 environment: HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE as huggingface_hub reads them;
 PHI_RULES_CACHE, where source sha256s are remembered by file identity (empty: hash every run).
 """
+
+
+TO_HELP = (
+    "what to write, when the source's layout converts to several: a model type (llama, mistral, phi3, phi) or a "
+    "layout name; a refused target says why in one line"
+)
 
 
 def _version() -> str:
@@ -159,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rules", nargs="+", default=[], metavar="RULE", help="more candidates: rule files or shipped names"
     )
     d.add_argument("--json", action="store_true", help="print the verdicts as one JSON document")
+    d.add_argument("--to", metavar="TARGET", help="show only the rules that write TARGET (llama, mistral, phi3, …)")
     d.add_argument("--cache-dir", type=Path, metavar="DIR", help="hub cache (default: HF_HUB_CACHE)")
     d.add_argument("--offline", action="store_true", help="use only the hub cache (like HF_HUB_OFFLINE=1)")
     d.add_argument("--token", help="hub token for private or gated repos")
@@ -197,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a rule file or a shipped rule's name (default: the one that fits --source)",
     )
     source_args(pl)
+    pl.add_argument("--to", metavar="TARGET", help=TO_HELP)
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
 
     a = sub.add_parser(
@@ -215,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (must be empty or new)")
     source_args(a)
+    a.add_argument("--to", metavar="TARGET", help=TO_HELP)
     a.add_argument(
         "--device",
         type=_device,
@@ -360,6 +371,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
 
 
+def _short(reason: str) -> str:
+    return reason if len(reason) <= 160 else reason[:157] + "..."
+
+
 def _detect(args: argparse.Namespace) -> int:
     from phi_rules.detect import detect
 
@@ -372,12 +387,26 @@ def _detect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"source": str(args.source), "fits": [f.to_json() for f in fits]}, indent=2))
         return 0 if len(good) == 1 else 1
-    rows = [(f.rules.name, f.rules.layout or "-", "yes" if f.fits else "no", f.reason) for f in fits]
-    _print_table(("rule", "layout", "fits", "why not"), rows)
+    if args.to is not None:
+        fits = [f for f in fits if args.to in f.rules.target.names] or fits
+    good = [f for f in fits if f.fits]
+    rows = [
+        (f.rules.name, f.rules.layout or "-", f.rules.target.names[0], "yes" if f.fits else "no", _short(f.reason))
+        for f in fits
+    ]
+    _print_table(("rule", "layout", "target", "fits", "why not"), rows)
     if len(good) == 1 and good[0].rules.converted:
         print(f"\n{args.source}: already in today's layout: load it with from_pretrained, no conversion needed")
     elif len(good) == 1:
-        print(f"\n{args.source}: {good[0].rules.layout} layout: phi-rules apply --source {args.source} --out DIR")
+        to = f" --to {good[0].rules.target.layout}" if good[0].rules.target.layout else ""
+        print(f"\n{args.source}: {good[0].rules.layout} layout: phi-rules apply --source {args.source}{to} --out DIR")
+    elif len({f.rules.target.names[0] for f in good}) == len(good) > 1:
+        targets = [f.rules.target.names[0] for f in good]
+        print(
+            f"\n{args.source}: {good[0].rules.layout} layout, converts to {', '.join(targets)}: "
+            f"phi-rules apply --source {args.source} --to {targets[0]} --out DIR"
+        )
+        return 0
     else:
         print(f"\n{args.source}: {'no rule fits' if not good else 'several rules fit'}")
     return 0 if len(good) == 1 else 1
@@ -414,13 +443,12 @@ def _verify(args: argparse.Namespace) -> int:
 def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     """The named rule files, or the one that detection finds for --source."""
     from phi_rules.detect import chosen, detect
-    from phi_rules.language.document import rule_path
-    from phi_rules.language.rules import load_rules
+    from phi_rules.language.rules import load_ref
 
     if paths:
-        return [load_rules(rule_path(r)) for r in paths]  # every file is checked before any work starts
+        return [load_ref(r) for r in paths]  # every file is checked before any work starts
     options = _options(args)
-    return [chosen(args.source, detect(args.source, options))]
+    return [chosen(args.source, detect(args.source, options), getattr(args, "to", None))]
 
 
 def _plan(args: argparse.Namespace) -> int:

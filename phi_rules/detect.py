@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language.document import RULES_DIR, load_document
 from phi_rules.language.rules import Rules, load_rules, rule_files
 from phi_rules.options import Options
@@ -27,6 +27,7 @@ class Fit:
 
     rules: Rules
     reason: str
+    refused: bool = False  # the names fit, but a refusal of the rule holds
 
     @property
     def fits(self) -> bool:
@@ -39,6 +40,8 @@ class Fit:
             "layout": self.rules.layout,
             "fits": self.fits,
             "converted": self.rules.converted,
+            "target": self.rules.target.names[0],
+            "refused": self.refused,
             "reason": self.reason or None,
         }
 
@@ -51,14 +54,15 @@ def candidates(extra: Sequence[Path] = ()) -> list[Rules]:
         data = document.located.data
         if not document.abstract and isinstance(data, dict) and data.get("detect") is True:
             shipped.append(load_rules(f))
+            if isinstance(data.get("reverse"), dict):  # a rule that runs backward is a candidate both ways
+                shipped.append(load_rules(f, backward=True))
     return shipped + [load_rules(f) for f in extra]
 
 
 def _reason(plan: Plan) -> str:
     if plan.unconsumed:
         return f"{len(plan.unconsumed)} source tensor(s) no step consumes, first: {plan.unconsumed[0]}"
-    first = plan.problems[0].message
-    return first if len(first) <= 160 else first[:157] + "..."
+    return plan.problems[0].message
 
 
 def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list[Fit]:
@@ -77,19 +81,39 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
         except PhiRulesError as exc:
             fits.append(Fit(rules, exc.diagnostics[0].message))
             continue
-        fits.append(Fit(rules, _reason(plan) if plan.problems else ""))
+        refused = bool(plan.problems) and plan.problems[0].code == "refused"
+        fits.append(Fit(rules, _reason(plan) if plan.problems else "", refused))
     if not read:
         raise PhiRulesError(f"{source}: no candidate rule could read it: {fits[0].reason if fits else 'none given'}")
     return fits
 
 
-def chosen(source: object, fits: list[Fit]) -> Rules:
-    """The one rule that fits, or every verdict as the error (none, several, or already converted)."""
+def _for_target(source: object, fits: list[Fit], to: str) -> list[Fit]:
+    """The verdicts of rules that write ``to``; a refusal among them is the one-line answer when none fits."""
+    named = [f for f in fits if to in f.rules.target.names]
+    if not named:
+        targets = sorted({n for f in fits for n in f.rules.target.names})
+        hint = did_you_mean(to, targets)
+        raise PhiRulesError(f"--to {to}: no rule writes that{hint} (targets: {', '.join(targets)})")
+    refused = [f for f in named if f.refused]
+    if not any(f.fits for f in named) and refused:
+        raise PhiRulesError(f"{source}: --to {to} {refused[0].reason} (rule {refused[0].rules.name})")
+    return named
+
+
+def chosen(source: object, fits: list[Fit], to: str | None = None) -> Rules:
+    """The one rule that fits (among those writing ``to``), or every verdict as the error (none, several,
+    or already converted)."""
+    if to is not None:
+        fits = _for_target(source, fits, to)
     good = [f for f in fits if f.fits]
     if len(good) == 1 and good[0].rules.converted:
         raise PhiRulesError(already_converted(source, good[0].rules))
     if len(good) == 1:
         return good[0].rules
+    targets = sorted({f.rules.target.names[0] for f in good})
+    if len(good) > 1 and len(targets) == len(good):
+        raise PhiRulesError(f"{source}: converts to {', '.join(targets)}: pick one with --to {targets[0]}")
     what = "no rule fits" if not good else f"{len(good)} rules fit ({', '.join(f.rules.name for f in good)})"
     summary = Diagnostic(f"{source}: {what}; name the rule to use (or add candidates with --rules FILE)")
     verdicts = [Diagnostic(f"{f.rules.name} ({f.rules.display}): {'fits' if f.fits else f.reason}") for f in fits]

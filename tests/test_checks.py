@@ -199,10 +199,14 @@ def test_existing_folder_needs_force(cli, tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("old")
     code, _, err = cli("apply", PHI2, "--source", src, "--out", out)
-    assert code == 1 and "folder exists and is not empty (use --force to replace it)" in err
+    assert code == 1 and "folder exists and is not empty (use --force to replace a previous output)" in err
     assert (out / "keep.txt").read_text() == "old"
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", out, "--force")  # not ours: --force is not enough
+    assert code == 1 and "'keep.txt', which phi-rules does not write" in err
+    assert (out / "keep.txt").read_text() == "old"
+    (out / "keep.txt").unlink()
     assert cli("apply", PHI2, "--source", src, "--out", out, "--force")[0] == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize(

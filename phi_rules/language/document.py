@@ -63,6 +63,20 @@ def shipped_names() -> dict[str, Path]:
     return found
 
 
+def shipped_reverse_names() -> dict[str, Path]:
+    """The files of shipped rules by the name of the backward rule their ``reverse`` section derives."""
+    found: dict[str, Path] = {}
+    for f in sorted(RULES_DIR.rglob("*.yaml")):
+        try:
+            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        rev = data.get("reverse") if isinstance(data, dict) else None
+        if isinstance(rev, dict) and isinstance(rev.get("name"), str):
+            found.setdefault(rev["name"], f)
+    return found
+
+
 def rule_path(ref: str) -> Path:
     """A rule argument: a file path, or the ``name`` of a shipped rule (``phi-rules apply phi-2 …``)."""
     path = Path(ref)
@@ -70,8 +84,9 @@ def rule_path(ref: str) -> Path:
         return path
     hit = shipped_names().get(ref)
     if hit is None:
+        known = {**shipped_names(), **shipped_reverse_names()}
         raise PhiRulesError(
-            f"{ref}: no such rule file, and no shipped rule has that name{did_you_mean(ref, shipped_names())} "
+            f"{ref}: no such rule file, and no shipped rule has that name{did_you_mean(ref, known)} "
             "(phi-rules list shows them)"
         )
     return hit

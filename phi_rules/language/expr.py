@@ -9,7 +9,10 @@ Grammar (lowest precedence first)::
     unary   := "-" unary | atom
     atom    := NUMBER | STRING | NAME | NAME "(" [expr ("," expr)*] ")" | "(" expr ")"
 
-Names are config fields or regex groups; ``true``, ``false`` and ``null`` are constants.
+Names are config fields or regex groups; ``true``, ``false`` and ``null`` are constants. ``get(obj, 'key')``
+reads a field of a config object (``rope_parameters``), null where it is absent; ``object('k', v, …)``
+builds one (null values left out); ``replace(x, old, new)`` maps a value that was renamed;
+``any(…)`` and ``all(…)`` join conditions.
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ FUNCTIONS: dict[str, tuple[int, int]] = {
     "int": (1, 1),
     "dim": (2, 2),
     "max_index": (1, 1),
+    "get": (2, 2),
+    "object": (0, 98),
+    "replace": (3, 3),
+    "any": (1, 99),
+    "all": (1, 99),
 }
 # Functions that read the source's tensor names and shapes: their first argument is a quoted regex.
 TENSOR_FUNCTIONS = ("dim", "max_index")
@@ -279,6 +287,21 @@ def evaluate(node: Node, env: Mapping[str, Value], shapes: Shapes | None = None)
         return _tensor_query(node, env, shapes)
     if node.func == "default":
         return next((v for arg in node.args if (v := evaluate(arg, env, shapes)) is not None), None)
+    if node.func == "object":  # object('key', value, …): a config object, its null values left out
+        items = [evaluate(arg, env, shapes) for arg in node.args]
+        if len(items) % 2:
+            raise ExprError("object() takes key, value pairs", node.offset)
+        return {str(k): v for k, v in zip(items[::2], items[1::2], strict=True) if v is not None}  # type: ignore[return-value]
+    if node.func in ("any", "all"):  # any(a, b): true when one argument is; all(a, b): when every one is
+        truths = (bool(evaluate(arg, env, shapes)) for arg in node.args)
+        return any(truths) if node.func == "any" else all(truths)
+    if node.func == "replace":  # replace(x, old, new): a value that had another name ('su' is now 'longrope')
+        value, old, new = (evaluate(arg, env, shapes) for arg in node.args)
+        return new if value == old else value
+    if node.func == "get":  # a field inside a config object (rope_parameters); null where there is none
+        inside: object = evaluate(node.args[0], env, shapes)
+        key = evaluate(node.args[1], env, shapes)
+        return inside.get(str(key)) if isinstance(inside, dict) else None
     values = [_number(evaluate(arg, env, shapes), f"argument of {node.func}()") for arg in node.args]
     if node.func == "int":
         if isinstance(values[0], float) and not math.isfinite(values[0]):

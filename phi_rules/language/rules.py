@@ -19,8 +19,8 @@ from typing import Any
 import jsonschema
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
-from phi_rules.language import expr, ops, shortform, template
-from phi_rules.language.document import SCHEMA_PATH, LoadError, load_document
+from phi_rules.language import expr, ops, reverse, shortform, template
+from phi_rules.language.document import SCHEMA_PATH, LoadError, load_document, rule_path, shipped_reverse_names
 from phi_rules.language.located_yaml import Located
 from phi_rules.language.ops import Op
 
@@ -86,6 +86,13 @@ class Target:
     mirror: tuple[str, ...]
     require_tokenizer: bool
     adapter: AdapterSpec | None = None
+    layout: str = ""  # the layout written; --to picks rules by it or by the architecture's model type
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """What ``--to`` may call this target: its layout and its model type (``LlamaForCausalLM``: llama)."""
+        model_type = self.architecture.removesuffix("ForCausalLM").lower()
+        return tuple(dict.fromkeys(n for n in (self.layout, model_type) if n))
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,15 @@ Step = Rename | Drop | Transform
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """``refuse``: when ``when`` holds, the target would compute something else; ``reason`` says what to do."""
+
+    when: expr.Node
+    reason: str
+    where: Where
+
+
+@dataclass(frozen=True)
 class Rules:
     """A validated rule file."""
 
@@ -138,6 +154,9 @@ class Rules:
     layout: str = ""
     detect: bool = False  # a candidate for detection: the generic rule of its layout
     converted: bool = False  # its layout is the target's own: nothing to convert
+    refusals: tuple[Refusal, ...] = ()
+    backward: bool = False  # derived from a rule's ``reverse`` section
+    reversible: str = ""  # the name of the backward rule this one derives, if any
 
 
 def _pointer(path: Iterable[str | int]) -> str:
@@ -145,7 +164,7 @@ def _pointer(path: Iterable[str | int]) -> str:
 
 
 _ONE_OF_HINTS = {
-    "step": "a step needs exactly one of 'rename', 'drop' or 'transform'",
+    "step": "a step needs exactly one of 'rename', 'keep', 'drop' or 'transform'",
     "source": "a source needs either 'repo' with 'revision' and 'files', or 'path' (not both)",
     "split": "split needs exactly one of 'parts' or 'sizes'",
 }
@@ -355,6 +374,7 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         tuple(raw.get("mirror", ())),
         raw.get("require_tokenizer", False),
         _adapter_spec(raw.get("adapter")),
+        raw.get("layout", ""),
     )
 
 
@@ -385,7 +405,7 @@ def _group_names(patterns: Iterable[re.Pattern[str] | None]) -> dict[str, str]:
 
 def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mapping[str, str]) -> Step | None:
     path: YPath = ("steps", i)
-    kind = next(k for k in ("rename", "drop", "transform") if k in raw)
+    kind = next(k for k in ("rename", "keep", "drop", "transform") if k in raw)
     name = str(raw.get("name", f"{kind}[{i}]"))
     where = c.where(path)
     optional = bool(raw.get("optional", False))
@@ -394,7 +414,13 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
         assert isinstance(body, str)
         pattern = c.compile((*path, "drop"), body)
         return Drop(name, where, optional, pattern) if pattern else None
+    if kind == "keep":  # names that stay: the short form's identity renames, written once
+        assert isinstance(body, list)
+        pairs = _short_pairs(c, (*path, kind), {str(t): reverse.plain(str(t)) for t in body}, config_names)
+        return Rename(name, where, optional, pairs, False, None) if pairs else None
     assert isinstance(body, dict)
+    if kind == "transform" and "from" in body:
+        return _short_transform(c, path, name, optional, body, config_names)
     if kind == "rename" and "match" not in body:
         pairs = _short_pairs(c, (*path, kind), body, config_names)
         return Rename(name, where, optional, pairs, False, None) if pairs else None
@@ -430,6 +456,47 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
     if any(p is None for p in patterns) or any(t is None for t in tos):
         return None
     return Transform(name, where, optional, tuple(patterns), tuple(built), tuple(tos), when)  # type: ignore[arg-type]
+
+
+def _short_transform(
+    c: _Checker, path: YPath, name: str, optional: bool, body: dict[str, Any], known: Mapping[str, str]
+) -> Transform | None:
+    """A transform written in the short form: ``from`` names with ``{placeholders}``, ``to`` likewise."""
+    froms = body["from"] if isinstance(body["from"], list) else [body["from"]]
+    patterns: list[re.Pattern[str] | None] = []
+    kinds: dict[str, str] = {}
+    for j, text in enumerate(froms):
+        where = (*path, "transform", "from", *((j,) if isinstance(body["from"], list) else ()))
+        try:
+            regex, found = shortform.pattern(str(text))
+        except shortform.ShortFormError as exc:
+            c.error(where, f"bad short-form pattern {text!r}: {exc.message} at character {exc.offset + 1}")
+            patterns.append(None)
+            continue
+        kinds |= found
+        patterns.append(c.compile(where, regex))
+    count = len(froms)
+    built: list[Op] = []
+    for j, raw_op in enumerate(body["ops"]):
+        op, count = _build_op(c, (*path, "transform", "ops", j), raw_op, known, count)
+        if op is not None:
+            built.append(op)
+    outs = body["to"] if isinstance(body["to"], list) else [body["to"]]
+    if len(outs) != count:
+        c.error((*path, "transform", "to"), f"the ops leave {count} tensor(s) but {len(outs)} output name(s) are given")
+    tos: list[template.Template | None] = []
+    for text in outs:
+        try:
+            to = shortform.target(str(text), kinds, known)
+        except shortform.ShortFormError as exc:
+            c.error((*path, "transform", "to"), f"{exc.message} (in {text!r} at character {exc.offset + 1})")
+            tos.append(None)
+            continue
+        placeholders = {**known, **dict.fromkeys(kinds, "placeholder")}
+        tos.append(c.parse_template((*path, "transform", "to"), to, patterns[0], placeholders))
+    if any(p is None for p in patterns) or any(t is None for t in tos):
+        return None
+    return Transform(name, c.where(path), optional, tuple(patterns), tuple(built), tuple(tos), None)  # type: ignore[arg-type]
 
 
 def _short_pairs(
@@ -502,12 +569,34 @@ def _check_unique_names(c: _Checker, steps: list[object]) -> None:
             seen.setdefault(name, i)
 
 
-def _check(display: str, path: Path, text: str | None = None) -> tuple[list[Diagnostic], Rules | None]:
+def _build_refusals(c: _Checker, data: dict[str, object], known: Mapping[str, str]) -> tuple[Refusal, ...]:
+    raw = data.get("refuse")
+    if not isinstance(raw, dict) or not c.ok(("refuse",)):
+        return ()
+    found = []
+    for name, item in raw.items():
+        node = c.parse_expr(("refuse", name, "when"), item["when"], known)
+        if node is not None:
+            found.append(Refusal(node, " ".join(str(item["reason"]).split()), c.where(("refuse", name))))
+    return tuple(found)
+
+
+def _check(
+    display: str, path: Path, text: str | None = None, backward: bool = False
+) -> tuple[list[Diagnostic], Rules | None]:
     try:
         document = load_document(path, display, text)
     except LoadError as exc:
         return exc.diagnostics, None
     located = document.located
+    forward = located.data if isinstance(located.data, dict) else {}
+    if backward:
+        if not isinstance(forward.get("reverse"), dict):
+            return [Diagnostic("this rule has no reverse section: it runs forward only", display)], None
+        derived, problems = reverse.derive(located)
+        if derived is None:
+            return problems, None
+        located = derived
     c = _Checker(display, located)
     c.check_schema()
     data = located.data
@@ -529,6 +618,7 @@ def _check(display: str, path: Path, text: str | None = None) -> tuple[list[Diag
     raw_config = raw_target.get("config") if isinstance(raw_target, dict) else None
     known = {**source_names, **{str(k): "target config" for k in (raw_config if isinstance(raw_config, dict) else {})}}
     lets = _build_lets(c, data, known)
+    refusals = _build_refusals(c, data, {**known, **dict.fromkeys(lets, "let")})
     steps: list[Step | None] = []
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     assert isinstance(raw_steps, list)
@@ -553,6 +643,9 @@ def _check(display: str, path: Path, text: str | None = None) -> tuple[list[Diag
         data.get("layout", ""),
         data.get("detect", False),
         data.get("converted", False),
+        refusals,
+        backward,
+        str(forward["reverse"]["name"]) if isinstance(forward.get("reverse"), dict) and not backward else "",
     )
     return [], rules
 
@@ -567,13 +660,18 @@ def check_text(text: str, display: str = "<string>", path: Path | None = None) -
 
 
 def check_file(path: Path | str) -> list[Diagnostic]:
-    """All problems of one rule file (and of the bases it extends), sorted by position; empty if valid."""
-    return _sorted(_check(str(path), Path(path))[0])
-
-
-def load_rules(path: Path | str) -> Rules:
-    """Load and check a rule file; raises :class:`PhiRulesError` listing every problem."""
+    """All problems of one rule file (and of the bases it extends, and of its derived backward rule), sorted
+    by position; empty if valid."""
     problems, rules = _check(str(path), Path(path))
+    if rules is not None and rules.reversible:
+        problems += [d for d in _check(str(path), Path(path), backward=True)[0] if d not in problems]
+    return _sorted(problems)
+
+
+def load_rules(path: Path | str, backward: bool = False) -> Rules:
+    """Load and check a rule file (or the backward rule it derives); raises :class:`PhiRulesError` listing
+    every problem."""
+    problems, rules = _check(str(path), Path(path), backward=backward)
     if rules is None:
         raise PhiRulesError(
             _sorted(problems) or [Diagnostic("an abstract rule is a base for others, not converted", str(path))]
@@ -590,3 +688,11 @@ def rule_files(paths: Iterable[Path | str]) -> list[Path]:
         else:
             found.append(p)
     return found
+
+
+def load_ref(ref: str) -> Rules:
+    """A rule argument: a file, a shipped rule's name, or the name of the backward rule a shipped one derives."""
+    forward = shipped_reverse_names().get(ref)
+    if forward is not None and not Path(ref).exists():
+        return load_rules(forward, backward=True)
+    return load_rules(rule_path(ref))

@@ -175,6 +175,18 @@ def let_values(
     return values
 
 
+def refusals(rules: Rules, env: Mapping[str, expr.Value], shapes: expr.Shapes | None = None) -> list[Diagnostic]:
+    """The rule's refusals whose condition holds for this source: the target would compute something else."""
+    found = []
+    for refusal in rules.refusals:
+        try:
+            if expr.evaluate(refusal.when, env, shapes):
+                found.append(refusal.where.error(f"refused: {refusal.reason}", "refused"))
+        except expr.ExprError as exc:
+            found.append(refusal.where.error(f"cannot check this refusal: {exc.message}", "plan"))
+    return found
+
+
 class _Planner:
     def __init__(self, rules: Rules, env: dict[str, expr.Value], problems: list[Diagnostic]) -> None:
         self.rules, self.env, self.problems = rules, env, problems
@@ -315,7 +327,9 @@ def make_plan(
     shapes = {n: i.shape for n, i in tensors.items()}
     config = target_config(rules, src, found_config, overrides, problems, shapes)
     entries = {n: Entry(i, i.shape, i.dtype, ()) for n, i in tensors.items()}
-    final = _Planner(rules, let_values(rules, {**src, **config}, problems, shapes), problems).run(entries)
+    env = let_values(rules, {**config, **src}, problems, shapes)  # a field both sides name: the source's value
+    problems[:0] = refusals(rules, env, shapes)  # the reason comes first: what follows is often its consequence
+    final = _Planner(rules, env, problems).run(entries)
     out_dtype = dtype or (None if rules.target.dtype == "keep" else rules.target.dtype)
     untouched = [n for n, e in final.items() if not e.steps]
     if untouched:

@@ -81,7 +81,7 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
             _where(plan, k).error(f"{cls.__name__} has no field {k!r}{did_you_mean(k, known)}", "target")
             for k in unknown
         )
-    kwargs: dict[str, object] = dict(plan.config)
+    kwargs: dict[str, object] = {k: v for k, v in plan.config.items() if v is not None}  # null: the class default
     if dtype:
         kwargs.setdefault("dtype", dtype)
     kwargs.setdefault("architectures", [plan.rules.target.architecture])
@@ -119,13 +119,20 @@ def write_config(plan: Plan, config: Any, folder: Path) -> None:
     check_saved_config(plan, saved)
 
 
+def _holds(saved: Any, requested: Any) -> bool:
+    """A requested value is saved; a requested object may gain fields the class fills in (``rope_parameters``)."""
+    if isinstance(saved, dict) and isinstance(requested, dict):
+        return all(k in saved and _holds(saved[k], v) for k, v in requested.items())
+    return bool(saved == requested)
+
+
 def check_saved_config(plan: Plan, saved: Mapping[str, Any]) -> None:
     """Require every requested value in config.json where transformers looks, and mirrored copies to agree."""
     w = plan.rules.where_target
     wrong = [
         _where(plan, k).error(f"requested {v!r} but the saved config.json holds {saved_value(saved, k)!r}", "target")
         for k, v in plan.config.items()
-        if saved_value(saved, k) != v
+        if v is not None and not _holds(saved_value(saved, k), v)
     ]
     nested = saved.get("rope_parameters") or {}
     wrong += [

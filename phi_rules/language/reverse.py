@@ -1,0 +1,152 @@
+"""Derive a rule's backward twin from its forward form, so that no conversion is written twice.
+
+The backward rule is built as a rule *document* (then checked like any other file, its errors located
+at the forward lines they come from): steps run in the opposite order, each inverted —
+
+- ``keep`` stays as it is; a short-form ``rename`` swaps its two sides (placeholder restrictions such as
+  ``{p:weight|bias}`` move to the side that now matches);
+- a short-form ``transform`` swaps ``from`` and ``to`` and inverts its ops in reverse order: a split
+  becomes a concat along the same dim (the sizes are the inputs' own);
+- ``target.config`` values that are plain field names invert to the same names; ``copy`` stays;
+- ``drop``, regex-form steps, ``when`` and ops without an inverse (cast, repeat, view …) make the rule
+  irreversible, and each is reported at its line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from phi_rules.errors import Diagnostic
+from phi_rules.language.expr import CONSTANTS
+from phi_rules.language.located_yaml import Located
+
+_SPEC = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
+
+
+def _restrictions(text: str) -> dict[str, str]:
+    return {m.group(1): m.group(0) for m in _SPEC.finditer(text) if m.group(2)}
+
+
+def _restrict(text: str, specs: dict[str, str]) -> str:
+    """``{p}`` becomes ``{p:weight|bias}`` where the forward pattern restricted ``p``."""
+    return _SPEC.sub(lambda m: specs.get(m.group(1), m.group(0)) if not m.group(2) else m.group(0), text)
+
+
+def plain(text: str) -> str:
+    """A short-form name without placeholder restrictions: ``{p:weight|bias}`` becomes ``{p}``."""
+    return _SPEC.sub(lambda m: "{" + m.group(1) + "}", text)
+
+
+def _as_list(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _inverse_ops(ops: list[dict[str, Any]]) -> list[dict[str, Any]] | str:
+    """The ops that undo ``ops``, or why there are none."""
+    inverse: list[dict[str, Any]] = []
+    for op in reversed(ops):
+        kind, arg = next(iter(op.items()))
+        if kind != "split":
+            return f"uses {kind!r}, which has no inverse in the rule language yet"
+        inverse.append({"concat": {"dim": arg["dim"]}})
+    return inverse
+
+
+def _step(raw: dict[str, Any], problem: Callable[[str], None]) -> dict[str, Any] | None:
+    kind = next(k for k in ("rename", "keep", "drop", "transform") if k in raw)
+    head: dict[str, Any] = {k: raw[k] for k in ("name", "optional") if k in raw}
+    body = raw[kind]
+    if kind == "keep":
+        return {**head, "keep": body}
+    if kind == "drop":
+        problem("drops tensors, which the backward direction cannot bring back")
+        return None
+    if "match" in body:
+        problem("is written in regex form; only the short form (dotted names with {placeholders}) inverts")
+        return None
+    if kind == "rename":
+        return {**head, "rename": {_restrict(str(to), _restrictions(frm)): plain(frm) for frm, to in body.items()}}
+    if "when" in body:
+        problem("applies only `when` a condition holds, which the backward direction cannot tell")
+        return None
+    froms, tos = _as_list(body["from"]), _as_list(body["to"])
+    if len(froms) != 1:
+        problem("joins several inputs; only a transform of one input inverts")
+        return None
+    ops = _inverse_ops(body["ops"])
+    if isinstance(ops, str):
+        problem(ops)
+        return None
+    specs = _restrictions(froms[0])
+    return {**head, "transform": {"from": [_restrict(t, specs) for t in tos], "ops": ops, "to": plain(froms[0])}}
+
+
+def _renames(config: dict[str, Any]) -> dict[str, str]:
+    """Target config entries that are plain field names: ``target key -> source field``."""
+    return {
+        k: v
+        for k, v in config.items()
+        if isinstance(v, str) and v.isidentifier() and v not in CONSTANTS and "(" not in v
+    }
+
+
+def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
+    """The backward rule document of a forward one that has a ``reverse`` section."""
+    data = located.data
+    assert isinstance(data, dict) and isinstance(data.get("reverse"), dict)
+    rev: dict[str, Any] = data["reverse"]
+    problems: list[Diagnostic] = []
+    marks = Located(None)
+    marks.values[()] = located.position(("reverse",))
+    steps: list[dict[str, Any]] = []
+    raw_steps = data.get("steps") or []
+    for i in reversed(range(len(raw_steps))):
+        raw = raw_steps[i]
+        name = raw.get("name", f"steps/{i}")
+
+        def problem(why: str, i: int = i, name: str = name) -> None:
+            file, line, col = located.position(("steps", i))
+            problems.append(Diagnostic(f"step {name!r} cannot run backward: it {why}", file, line, col, f"steps/{i}"))
+
+        inverted = _step(raw, problem)
+        if inverted is not None:
+            marks.take(located.subtree(("steps", i), ("steps", len(steps))))
+            steps.append(inverted)
+    source, target = data.get("source") or {}, data.get("target") or {}
+    renames = _renames(target.get("config") or {})
+    for old, new in (
+        (("reverse", "config"), ("target", "config")),
+        (("reverse", "config_defaults"), ("source", "config_defaults")),
+        (("reverse", "refuse"), ("refuse",)),
+        (("let",), ("let",)),
+    ):
+        marks.take(located.subtree(old, new))
+    for key in ("target", "source"):
+        marks.values.setdefault((key,), located.position(("reverse",)))
+    document: dict[str, Any] = {
+        "version": data.get("version", 1),
+        "name": rev["name"],
+        "description": rev.get("description", f"{data.get('name')}, backward."),
+        "layout": target.get("layout", ""),
+        "detect": data.get("detect", False),
+        "source": {
+            "config_file": source.get("config_file", "config.json"),
+            "extra_files": source.get("extra_files", []),
+            "config_defaults": {**dict.fromkeys(renames), **(rev.get("config_defaults") or {})},
+        },
+        "target": {
+            "architecture": rev["architecture"],
+            "config": {**{v: k for k, v in renames.items()}, **(rev.get("config") or {})},
+            **{k: target[k] for k in ("check", "dtype", "format", "copy") if k in target},
+            **({"layout": data["layout"]} if data.get("layout") else {}),
+        },
+        "steps": steps,
+    }
+    if "let" in data:
+        document["let"] = data["let"]
+    if rev.get("refuse"):
+        document["refuse"] = rev["refuse"]
+    marks.data = document
+    return (None if problems else marks), problems

@@ -1,0 +1,240 @@
+"""Phi-3, Phi-3.5 and Phi-4 to and from Llama/Mistral (#23), proven by function.
+
+Tiny random ``Phi3ForCausalLM`` models shaped like each family member are written by transformers' own
+``save_pretrained``, converted with the CLI (no rule named: the layout is detected, ``--to`` picks the
+target), loaded strictly as the target class and compared by logits with the source model at lengths on
+both sides of ``original_max_position_embeddings``. Refused targets: exit 1, one line, nothing at --out,
+and a variant rule with the refusal switched off shows that the output really would compute otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from transformers.models.llama import configuration_llama, modeling_llama
+from transformers.models.mistral import modeling_mistral
+from transformers.models.phi3 import configuration_phi3, modeling_phi3
+from transformers.utils import logging as transformers_logging
+
+transformers_logging.disable_progress_bar()  # save_pretrained's bar would land in the CLI's captured stderr
+
+Cli = Callable[..., tuple[int, str, str]]
+LLAMA_RULE = ROOT / "rules" / "phi3" / "llama.yaml"
+CLASSES = {
+    "llama": modeling_llama.LlamaForCausalLM,
+    "mistral": modeling_mistral.MistralForCausalLM,
+    "phi3": modeling_phi3.Phi3ForCausalLM,
+}
+BASE = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+    "long_factor": [2.0 + 0.3 * i for i in range(8)],
+    "original_max_position_embeddings": 16,
+}
+# Each family member's shape, in small: what makes it different is kept.
+FAMILY: dict[str, dict[str, Any]] = {
+    "phi-3-mini-4k": {"num_key_value_heads": 4, "sliding_window": 12},
+    "phi-3-mini-128k": {"num_key_value_heads": 4, "rope_parameters": LONGROPE, "original_max_position_embeddings": 16},
+    "phi-3-medium": {"num_key_value_heads": 1},
+    "phi-4": {"num_key_value_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 250000.0}},
+    "phi-4-mini": {
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+    },
+}
+LENGTHS = (10, 40)  # both sides of original_max_position_embeddings (16)
+
+
+def phi3_model(shape: dict[str, Any], seed: int = 0) -> modeling_phi3.Phi3ForCausalLM:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = configuration_phi3.Phi3Config(**BASE, **shape)
+    model = modeling_phi3.Phi3ForCausalLM(config).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def save(model: torch.nn.Module, folder: Path, dtype: torch.dtype = torch.float32, shard: str = "5GB") -> Path:
+    model.to(dtype).save_pretrained(folder, max_shard_size=shard)
+    model.float()
+    return folder
+
+
+def logits(model: torch.nn.Module, n: int) -> torch.Tensor:
+    ids = torch.randint(0, BASE["vocab_size"], (1, n), generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def load_strictly(folder: Path, target: str) -> torch.nn.Module:
+    model, info = CLASSES[target].from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [CLASSES[target].__name__]
+    return model.eval()
+
+
+def assert_same_function(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for n in LENGTHS:
+        delta = (logits(a, n) - logits(b, n)).abs().max().item()
+        assert delta <= 1e-5, (n, delta)
+
+
+def converts(cli: Cli, src: Path, out: Path, target: str, *extra: object) -> None:
+    code, _, err = cli("apply", "--source", src, "--to", target, "--out", out, "--quiet", *extra)
+    assert code == 0, err
+
+
+EXACT = [
+    ("phi-3-mini-4k", "mistral"),
+    ("phi-3-mini-128k", "llama"),
+    ("phi-3-mini-128k", "mistral"),
+    ("phi-3-medium", "llama"),
+    ("phi-4", "llama"),
+]
+
+
+@pytest.mark.parametrize(("member", "target"), EXACT, ids=[f"{m}-to-{t}" for m, t in EXACT])
+def test_family_member_converts_exactly(cli: Cli, tmp_path: Path, member: str, target: str) -> None:
+    model = phi3_model(FAMILY[member])
+    src = save(model, tmp_path / "src")
+    converts(cli, src, tmp_path / "out", target)
+    assert_same_function(model, load_strictly(tmp_path / "out", target))
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    split = 3 + 2  # q, k, v, gate, up for each fused pair
+    assert len(stored) == len(model.state_dict()) + BASE["num_hidden_layers"] * (split - 2)
+
+
+REFUSED = [
+    ("phi-3-mini-4k", "llama", "sliding window", "use --to mistral"),
+    ("phi-4-mini", "llama", "rotates part of each head", "keep Phi3"),
+    ("phi-4-mini", "mistral", "rotates part of each head", "keep Phi3"),
+]
+
+
+@pytest.mark.parametrize(("member", "target", "says", "way_out"), REFUSED, ids=[f"{m}-to-{t}" for m, t, *_ in REFUSED])
+def test_inexact_targets_are_refused(
+    cli: Cli, tmp_path: Path, member: str, target: str, says: str, way_out: str
+) -> None:
+    src = save(phi3_model(FAMILY[member]), tmp_path / "src")
+    for command in (["plan"], ["apply", "--out", tmp_path / "out"]):
+        code, _, err = cli(*command, "--source", src, "--to", target)
+        assert code == 1 and says in err and way_out in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no lock, no partial folder
+
+
+@pytest.mark.parametrize(
+    ("member", "target", "refusal"),
+    [("phi-3-mini-4k", "llama", "sliding-window"), ("phi-4-mini", "llama", "partial-rotary")],
+)
+def test_each_refusal_guards_a_real_difference(
+    cli: Cli, tmp_path: Path, member: str, target: str, refusal: str
+) -> None:
+    """The refusal switched off in a rule that extends the shipped one: the output loads, and computes otherwise."""
+    model = phi3_model(FAMILY[member])
+    src = save(model, tmp_path / "src")
+    variant = tmp_path / "no-refusal.yaml"
+    variant.write_text(
+        f"version: 1\nname: no-refusal\nextends: {LLAMA_RULE}\nrefuse:\n  {refusal}: {{when: 'false'}}\n"
+    )
+    code, _, err = cli("apply", variant, "--source", src, "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    got = load_strictly(tmp_path / "out", target)
+    assert (logits(model, 40) - logits(got, 40)).abs().max().item() > 1e-3
+
+
+def test_detect_lists_every_target_and_why_not(cli: Cli, tmp_path: Path) -> None:
+    src = save(phi3_model(FAMILY["phi-3-mini-4k"]), tmp_path / "src")
+    code, out, _ = cli("detect", src)
+    assert code == 0, out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("phi3-to", "llama-to"))}
+    assert rows["phi3-to-mistral"].split()[3] == "yes"
+    assert rows["phi3-to-llama"].split()[3] == "no" and "sliding window" in rows["phi3-to-llama"]
+    assert "--to mistral" in out.splitlines()[-1]
+    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out")
+    assert code == 0 or "pick one with --to" in err  # one target fits here: mistral
+
+
+def test_several_targets_ask_for_to(cli: Cli, tmp_path: Path) -> None:
+    src = save(phi3_model(FAMILY["phi-4"]), tmp_path / "src")
+    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out")
+    assert code == 1 and "converts to llama, mistral: pick one with --to llama" in err, err
+    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out", "--to", "lama")
+    assert code == 1 and "did you mean 'llama'" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_phi3_to_llama_and_back_is_bit_identical(cli: Cli, tmp_path: Path) -> None:
+    """bf16, sharded by transformers, tied embeddings off: back to the very same bytes and config values."""
+    model = phi3_model(FAMILY["phi-3-mini-128k"])
+    src = save(model, tmp_path / "src", torch.bfloat16, shard="100KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    converts(cli, src, tmp_path / "llama", "llama")
+    converts(cli, tmp_path / "llama", tmp_path / "back", "phi3")
+    original: dict[str, torch.Tensor] = {}
+    for f in src.glob("*.safetensors"):
+        original |= load_file(f)
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(back) == sorted(original)
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name].view(torch.int16), tensor.view(torch.int16))
+    before, after = (json.loads((f / "config.json").read_text()) for f in (src, tmp_path / "back"))
+    for key in ("hidden_size", "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings"):
+        assert after[key] == before[key], key
+    for key, value in LONGROPE.items():
+        assert after["rope_parameters"][key] == value, key
+    # the source as transformers loads it: the model in memory holds rotary buffers rounded to bfloat16
+    assert_same_function(load_strictly(src, "phi3"), load_strictly(tmp_path / "back", "phi3"))
+
+
+def test_a_plain_llama_converts_to_phi3_exactly(cli: Cli, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    config = configuration_llama.LlamaConfig(**BASE, num_key_value_heads=2, rope_parameters=dict(LONGROPE))
+    llama = modeling_llama.LlamaForCausalLM(config).eval()
+    for p in llama.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    src = save(llama, tmp_path / "src")
+    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out", "--quiet")  # only one target fits
+    assert code == 0, err
+    assert_same_function(llama, load_strictly(tmp_path / "out", "phi3"))
+
+
+def test_the_2024_su_config_converts(cli: Cli, tmp_path: Path) -> None:
+    """Phi-3-*-128k configs written before mid-2024: rope_scaling type su, original_max_position_embeddings at
+    the top. The tensors are a Phi3's; the config is read by every name a field has had."""
+    model = phi3_model(FAMILY["phi-3-mini-128k"])
+    src = save(model, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config |= {
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]},
+        "original_max_position_embeddings": 16,
+    }
+    (src / "config.json").write_text(json.dumps(config))
+    converts(cli, src, tmp_path / "out", "llama")
+    assert_same_function(model, load_strictly(tmp_path / "out", "llama"))
