@@ -113,6 +113,7 @@ EXACT = [
     ("phi-3-mini-128k", "mistral"),
     ("phi-3-medium", "llama"),
     ("phi-4", "llama"),
+    ("phi-4", "mistral"),
 ]
 
 
@@ -209,6 +210,14 @@ def test_phi3_to_llama_and_back_is_bit_identical(cli: Cli, tmp_path: Path) -> No
         assert after["rope_parameters"][key] == value, key
     # the source as transformers loads it: the model in memory holds rotary buffers rounded to bfloat16
     assert_same_function(load_strictly(src, "phi3"), load_strictly(tmp_path / "back", "phi3"))
+
+
+def test_mistral_back_to_phi3_keeps_the_sliding_window(cli: Cli, tmp_path: Path) -> None:
+    model = phi3_model(FAMILY["phi-3-mini-4k"])
+    converts(cli, save(model, tmp_path / "src"), tmp_path / "mistral", "mistral")
+    converts(cli, tmp_path / "mistral", tmp_path / "back", "phi3")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["sliding_window"] == 12
+    assert_same_function(model, load_strictly(tmp_path / "back", "phi3"))
 
 
 def test_a_plain_llama_converts_to_phi3_exactly(cli: Cli, tmp_path: Path) -> None:

@@ -98,6 +98,10 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
     assert isinstance(data, dict) and isinstance(data.get("reverse"), dict)
     rev: dict[str, Any] = data["reverse"]
     problems: list[Diagnostic] = []
+    if "architecture" not in rev:
+        file, line, col = located.position(("reverse",))
+        message = "missing required key 'architecture' (in this file or the base it extends)"
+        problems.append(Diagnostic(message, file, line, col, "reverse", "schema"))
     marks = Located(None)
     marks.values[()] = located.position(("reverse",))
     steps: list[dict[str, Any]] = []
@@ -137,7 +141,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
             "config_defaults": {**dict.fromkeys(renames), **(rev.get("config_defaults") or {})},
         },
         "target": {
-            "architecture": rev["architecture"],
+            "architecture": rev.get("architecture", ""),
             "config": {**{v: k for k, v in renames.items()}, **(rev.get("config") or {})},
             **{k: target[k] for k in ("check", "dtype", "format", "copy") if k in target},
             **({"layout": data["layout"]} if data.get("layout") else {}),

@@ -576,7 +576,9 @@ def _build_refusals(c: _Checker, data: dict[str, object], known: Mapping[str, st
     found = []
     for name, item in raw.items():
         node = c.parse_expr(("refuse", name, "when"), item["when"], known)
-        if node is not None:
+        if "reason" not in item:
+            c.error(("refuse", name), "missing required key 'reason' (in this file or the base it extends)")
+        elif node is not None:
             found.append(Refusal(node, " ".join(str(item["reason"]).split()), c.where(("refuse", name))))
     return tuple(found)
 
