@@ -412,6 +412,15 @@ def _detect(args: argparse.Namespace) -> int:
     return 0 if len(good) == 1 else 1
 
 
+def _written_type(folder: Path) -> str | None:
+    """The model type of a converted folder's architecture (``LlamaForCausalLM``: llama), if it says."""
+    try:
+        architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return str(architecture).removesuffix("ForCausalLM").lower()
+
+
 def _verify(args: argparse.Namespace) -> int:
     from phi_rules.source.resolve import resolve
     from phi_rules.verify import failure, layer_rows, verify
@@ -421,6 +430,7 @@ def _verify(args: argparse.Namespace) -> int:
     if args.base is not None:  # the layout and sizes are the base's; the adapters ride on each side
         adapters = (args.source, args.out)
         args.source, args.out = args.base
+    args.to = _written_type(args.out)  # among the rules that read the source, the one that wrote this output
     (rules,) = _rules_for(args, [args.rules] if args.rules else [])
     options = _options(args)
     resolved = resolve(rules, options.source)

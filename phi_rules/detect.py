@@ -59,10 +59,12 @@ def candidates(extra: Sequence[Path] = ()) -> list[Rules]:
     return shipped + [load_rules(f) for f in extra]
 
 
-def _reason(plan: Plan) -> str:
+def _verdict(plan: Plan) -> tuple[str, bool]:
+    """Why a rule does not fit, and whether that is a refusal: one counts only where the names fit."""
     if plan.unconsumed:
-        return f"{len(plan.unconsumed)} source tensor(s) no step consumes, first: {plan.unconsumed[0]}"
-    return plan.problems[0].message
+        return f"{len(plan.unconsumed)} source tensor(s) no step consumes, first: {plan.unconsumed[0]}", False
+    others = [p for p in plan.problems if p.code != "refused"]
+    return (others or plan.problems)[0].message, not others
 
 
 def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list[Fit]:
@@ -81,8 +83,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
         except PhiRulesError as exc:
             fits.append(Fit(rules, exc.diagnostics[0].message))
             continue
-        refused = bool(plan.problems) and plan.problems[0].code == "refused"
-        fits.append(Fit(rules, _reason(plan) if plan.problems else "", refused))
+        fits.append(Fit(rules, *_verdict(plan)) if plan.problems else Fit(rules, ""))
     if not read:
         raise PhiRulesError(f"{source}: no candidate rule could read it: {fits[0].reason if fits else 'none given'}")
     return fits

@@ -47,7 +47,7 @@ def checked(plan: Plan, dtype: str | None) -> Any:
             problems += target.check_against_target(plan, target.expected_adapter_parameters(plan, config))
     elif plan.rules.target.check:
         expected = target.expected_parameters(plan, config)
-        already = target.already_converted(plan, expected)
+        already = None if plan.rules.config_only else target.already_converted(plan, expected)
         if already:  # every other problem is a consequence of that
             problems = [already]
         elif all(p.code == "unconsumed" for p in problems):  # a failed step would only cascade here

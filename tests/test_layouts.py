@@ -41,7 +41,7 @@ def transformers_436(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConf
     return folder
 
 
-CANDIDATES = 10  # one generic rule per layout: 3 legacy, 2 adapter, today's, Phi3 to Llama/Mistral and back
+CANDIDATES = 11  # 3 legacy layouts, 2 adapter layouts, today's Phi, Phi3 to Llama/Mistral and back, 2024 Phi3
 
 
 def table(out: str) -> list[str]:

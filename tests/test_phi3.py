@@ -245,5 +245,86 @@ def test_the_2024_su_config_converts(cli: Cli, tmp_path: Path) -> None:
         "original_max_position_embeddings": 16,
     }
     (src / "config.json").write_text(json.dumps(config))
-    converts(cli, src, tmp_path / "out", "llama")
-    assert_same_function(model, load_strictly(tmp_path / "out", "llama"))
+    for target in ("llama", "phi3"):  # --to phi3: today's config, the same tensors
+        converts(cli, src, tmp_path / target, target)
+        assert_same_function(model, load_strictly(tmp_path / target, target))
+    today = json.loads((tmp_path / "phi3" / "config.json").read_text())
+    assert today["rope_parameters"]["rope_type"] == "longrope" and today["original_max_position_embeddings"] == 16
+    code, _, err = cli("apply", "--source", tmp_path / "phi3", "--to", "phi3", "--out", tmp_path / "again")
+    assert code == 1 and "not in the 2024 form" in err, err  # today's form: nothing to convert
+
+
+@pytest.mark.parametrize(("member", "target"), [("phi-3-mini-128k", "llama"), ("phi-3-mini-4k", "mistral")])
+def test_verify_runs_the_source_through_its_own_class(cli: Cli, tmp_path: Path, member: str, target: str) -> None:
+    src = save(phi3_model(FAMILY[member]), tmp_path / "src")
+    converts(cli, src, tmp_path / "out", target, "--verify")
+    code, out, err = cli("verify", "--source", src, tmp_path / "out")
+    assert code == 0, out + err
+    if member == "phi-3-mini-128k":  # probed on both sides of original_max_position_embeddings
+        assert "logits at 24 tokens" in out and "computes the original function" in out
+
+
+@pytest.mark.parametrize(
+    ("breakage", "says"),
+    [
+        ("swap-k-v", "layer 0 diverges"),
+        ("drop-window", "layer 0 diverges"),
+        ("long-factors-lost", "layer 0 at 24 tokens diverges"),  # only past original_max_position_embeddings
+    ],
+)
+def test_verify_catches_a_wrong_output(cli: Cli, tmp_path: Path, breakage: str, says: str) -> None:
+    from safetensors.torch import save_file
+
+    shape = FAMILY["phi-3-mini-4k"] if breakage == "drop-window" else FAMILY["phi-3-mini-128k"]
+    target = "mistral" if breakage == "drop-window" else "llama"
+    src = save(phi3_model(shape), tmp_path / "src")
+    out = tmp_path / "out"
+    converts(cli, src, out, target)
+    config = json.loads((out / "config.json").read_text())
+    if breakage == "swap-k-v":
+        state = load_file(out / "model.safetensors")
+        k, v = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+        state[k], state[v] = state[v], state[k]
+        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    elif breakage == "drop-window":
+        config["sliding_window"] = None
+    else:
+        for rope in (config["rope_parameters"], config["rope_scaling"]):  # the copy older readers get too
+            rope["long_factor"] = rope["short_factor"]
+    (out / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("verify", "--source", src, out)
+    assert code == 1 and says in err, err
+
+
+@pytest.mark.parametrize(
+    ("member", "target"),
+    [("phi-3-mini-128k", "llama"), ("phi-4", "llama"), ("phi-3-mini-4k", "mistral")],
+)
+def test_transformers_4_reads_the_output_as_the_source_computes(
+    cli: Cli, tmp_path: Path, member: str, target: str
+) -> None:
+    """transformers 4.57 reads rope_theta, rope_scaling and original_max_position_embeddings at the top level:
+    the same logits as the Phi3 source, on both sides of original_max_position_embeddings."""
+    import os
+    import subprocess
+
+    from test_interop import TF4_PROGRAM, _tool
+
+    python = _tool("PHI_RULES_TF4_PYTHON", "a virtualenv with transformers==4.57.6")
+    model = phi3_model(FAMILY[member])
+    converts(cli, save(model, tmp_path / "src"), tmp_path / "out", target)
+    for n in LENGTHS:
+        ids = torch.randint(0, BASE["vocab_size"], (n,), generator=torch.Generator().manual_seed(n))
+        run = subprocess.run(
+            [str(python), "-c", TF4_PROGRAM, str(tmp_path / "out"), json.dumps(ids.tolist())],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+        )
+        assert run.returncode == 0, run.stderr
+        result = json.loads(run.stdout)
+        assert all(not v for v in result["info"].values()), result["info"]
+        with torch.no_grad():
+            want = model(ids[None]).logits[0]
+        assert (torch.tensor(result["logits"]) - want).abs().max().item() <= 1e-4, n

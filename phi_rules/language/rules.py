@@ -83,7 +83,6 @@ class Target:
     config: Mapping[str, expr.Node]
     config_where: Mapping[str, Where]  # where each config value was written, for later diagnostics
     copy: tuple[str, ...]
-    mirror: tuple[str, ...]
     require_tokenizer: bool
     adapter: AdapterSpec | None = None
     layout: str = ""  # the layout written; --to picks rules by it or by the architecture's model type
@@ -103,6 +102,7 @@ class Rename:
     pairs: tuple[tuple[re.Pattern[str], template.Template], ...]  # the first pair that matches renames
     anywhere: bool
     when: expr.Node | None
+    keeps: bool = False  # a ``keep`` step: names that stay as they are
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,11 @@ class Rules:
     refusals: tuple[Refusal, ...] = ()
     backward: bool = False  # derived from a rule's ``reverse`` section
     reversible: str = ""  # the name of the backward rule this one derives, if any
+
+    @property
+    def config_only(self) -> bool:
+        """Every step keeps names as they are: the rule converts the config alone."""
+        return all(isinstance(s, Rename) and s.keeps for s in self.steps)
 
 
 def _pointer(path: Iterable[str | int]) -> str:
@@ -371,7 +376,6 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         config,
         {k: c.where(("target", "config", k)) for k in raw["config"]},
         copy,
-        tuple(raw.get("mirror", ())),
         raw.get("require_tokenizer", False),
         _adapter_spec(raw.get("adapter")),
         raw.get("layout", ""),
@@ -417,7 +421,7 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
     if kind == "keep":  # names that stay: the short form's identity renames, written once
         assert isinstance(body, list)
         pairs = _short_pairs(c, (*path, kind), {str(t): reverse.plain(str(t)) for t in body}, config_names)
-        return Rename(name, where, optional, pairs, False, None) if pairs else None
+        return Rename(name, where, optional, pairs, False, None, keeps=True) if pairs else None
     assert isinstance(body, dict)
     if kind == "transform" and "from" in body:
         return _short_transform(c, path, name, optional, body, config_names)
@@ -604,7 +608,8 @@ def _check(
     data = located.data
     if not isinstance(data, dict):
         return c.diagnostics, None
-    _check_merged_target(c, data)
+    if not document.abstract:  # a base may leave the target to the rules that extend it
+        _check_merged_target(c, data)
     raw_source = data.get("source")
     source = None
     if c.ok(("source",)) and "source" in data and not document.abstract:
@@ -614,7 +619,8 @@ def _check(
     defaults = raw_source.get("config_defaults") if isinstance(raw_source, dict) else None
     source_names = {str(k): "source config" for k in (defaults if isinstance(defaults, dict) else {})}
     target = None
-    if c.ok(("target",)) and "target" in data:
+    complete = not document.abstract or {"architecture", "config"} <= set(data.get("target") or {})
+    if c.ok(("target",)) and "target" in data and complete:
         target = _build_target(c, data, source_names)
     raw_target = data.get("target")
     raw_config = raw_target.get("config") if isinstance(raw_target, dict) else None

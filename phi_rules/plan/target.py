@@ -92,29 +92,31 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
         raise PhiRulesError([w.error(f"{cls.__name__} rejected the config: {reason}", "target")]) from None
 
 
-def write_config(plan: Plan, config: Any, folder: Path) -> None:
-    """config.json as transformers writes it, plus the rule's ``mirror`` fields at the top level.
+def older_readers(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level fields that transformers 4.x, llama.cpp and MLX-LM read, from ``rope_parameters``.
 
-    transformers 5 keeps rotary settings only inside ``rope_parameters``; transformers 4.x, llama.cpp
-    and MLX-LM read them at the top level and silently fall back to defaults without them.
-    """
+    transformers 5 keeps rotary settings only inside ``rope_parameters``; the older readers silently fall
+    back to defaults without them (a partial_rotary_factor of 0.5 for phi-2's 0.4, a rope_theta of 10000
+    for Phi-4's 250000, no longrope at all). What they need depends on the rope, not on the rule."""
+    rope = saved.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    fields = {
+        k: rope[k] for k in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings") if k in rope
+    }
+    kind = rope.get("rope_type", "default")
+    if kind != "default":  # 4.x reads the scaling from rope_scaling, named by rope_type (and "type" before 4.45)
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        fields["rope_scaling"] = {**scaling, "type": kind}
+    return fields
+
+
+def write_config(plan: Plan, config: Any, folder: Path) -> None:
+    """config.json as transformers writes it, plus what older readers look for at the top level."""
     config.save_pretrained(folder)
     path = folder / "config.json"
     saved = json.loads(path.read_text())
-    w = plan.rules.where_target
-    missing = [k for k in plan.rules.target.mirror if saved_value(saved, k) is None]
-    if missing:
-        raise PhiRulesError(
-            Diagnostic(
-                f"cannot mirror {k!r}: the saved config.json has no such field",
-                w.file,
-                w.line,
-                w.column,
-                "target/mirror",
-            )
-            for k in missing
-        )
-    saved.update({k: saved_value(saved, k) for k in plan.rules.target.mirror})
+    saved.update(older_readers(saved))
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     check_saved_config(plan, saved)
 
@@ -127,24 +129,18 @@ def _holds(saved: Any, requested: Any) -> bool:
 
 
 def check_saved_config(plan: Plan, saved: Mapping[str, Any]) -> None:
-    """Require every requested value in config.json where transformers looks, and mirrored copies to agree."""
-    w = plan.rules.where_target
+    """Require every requested value in config.json where transformers looks."""
     wrong = [
         _where(plan, k).error(f"requested {v!r} but the saved config.json holds {saved_value(saved, k)!r}", "target")
         for k, v in plan.config.items()
         if v is not None and not _holds(saved_value(saved, k), v)
     ]
-    nested = saved.get("rope_parameters") or {}
     wrong += [
-        Diagnostic(
-            f"config.json holds {saved[k]!r} at the top level but {nested[k]!r} in rope_parameters",
-            w.file,
-            w.line,
-            w.column,
-            "target/mirror",
+        plan.rules.where_target.error(
+            f"config.json holds {saved.get(k)!r} at the top level but {v!r} for transformers 5"
         )
-        for k in plan.rules.target.mirror
-        if k in nested and nested[k] != saved[k]
+        for k, v in older_readers(saved).items()
+        if saved.get(k) != v
     ]
     if wrong:
         raise PhiRulesError(wrong)

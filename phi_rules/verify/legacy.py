@@ -14,10 +14,9 @@ reference's own input (teacher forcing), so that a divergence is pinned to the p
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from phi_rules.source.checkpoint import Checkpoint
 if TYPE_CHECKING:
     import torch
 
-TOKENS = 16
+from phi_rules.verify.common import TOKENS, Adapter, Converted, Report, Row, delta, weight_of
 
 
 @dataclass(frozen=True)
@@ -163,47 +162,6 @@ def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-class Adapter:
-    """A PEFT LoRA/DoRA adapter folder applied to the weights it names, as PEFT merges it:
-    W' = W + s·B·A with s = lora_alpha / r (or / sqrt(r) with rsLoRA); DoRA then rescales each output
-    row to its magnitude: W'' = m / ||W'||_row · W'. Used on both sides, each by its own names."""
-
-    def __init__(self, folder: Path, stack: ExitStack) -> None:
-        try:
-            config = json.loads((folder / "adapter_config.json").read_text())
-            r, alpha = int(config["r"]), float(config["lora_alpha"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PhiRulesError(f"{folder}: not a PEFT adapter folder (adapter_config.json: {exc})") from None
-        self.scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        files = [f for f in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if f.is_file()]
-        if not files:
-            raise PhiRulesError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
-        self.ckpt = stack.enter_context(Checkpoint(files[:1]))
-
-    def apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        module = "base_model.model." + name.removesuffix(".weight")
-        a = self.ckpt.tensors.get(module + ".lora_A.weight")
-        if not name.endswith(".weight") or a is None:
-            return weight
-        b = self.ckpt.tensors.get(module + ".lora_B.weight")
-        if b is None:
-            raise PhiRulesError(f"the adapter has {module}.lora_A.weight but no lora_B")
-        merged = weight + self.scale * (self.ckpt.load(b).float() @ self.ckpt.load(a).float())
-        magnitude = self.ckpt.tensors.get(module + ".lora_magnitude_vector")
-        if magnitude is not None:
-            merged = merged * (self.ckpt.load(magnitude).float() / merged.norm(dim=1))[:, None]
-        return merged
-
-
-def _weight(ckpt: Checkpoint, name: str, adapter: Adapter | None, missing: str) -> torch.Tensor:
-    """One tensor in float32, with the adapter (if any) applied to it by the same name."""
-    info = ckpt.tensors.get(name)
-    if info is None:
-        raise PhiRulesError(missing)
-    tensor = ckpt.load(info).float()
-    return adapter.apply(name, tensor) if adapter else tensor
-
-
 class Reference:
     """The original architecture over the source checkpoint, one tensor read at a time."""
 
@@ -216,7 +174,7 @@ class Reference:
 
     def get(self, name: str) -> torch.Tensor:
         missing = f"the source has no tensor {name!r}: not a {self.layout_name} checkpoint?"
-        return _weight(self.ckpt, name, self.adapter, missing)
+        return weight_of(self.ckpt, name, self.adapter, missing)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.get(self.layout.embed)[ids]
@@ -261,114 +219,7 @@ class Reference:
         return {"final norm": normed, "logits": normed @ self.get(head + ".weight").T + self.get(head + ".bias")}
 
 
-class Converted:
-    """The output folder through transformers' own modules, one block materialised at a time."""
-
-    def __init__(self, folder: Path, stack: ExitStack, adapter: Adapter | None = None) -> None:
-        import torch
-
-        from phi_rules.plan.target import model_class
-
-        self.adapter = adapter
-
-        try:
-            raw = json.loads((folder / "config.json").read_text())
-            cls = model_class(raw["architectures"][0])
-            config = cls.config_class.from_pretrained(folder)
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise PhiRulesError(f"{folder}: cannot read its config.json: {exc}") from None
-        config._attn_implementation = "eager"
-        with torch.device("meta"):
-            self.model: Any = cls(config)
-        self.model.eval()
-        self.rotary = type(self.model.model.rotary_emb)(config=config)  # real buffers, not meta
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise PhiRulesError(f"{folder}: no safetensors files to verify")
-        # Read with pread, one tensor at a time, like the source: a memory map would keep every page it
-        # touched in the resident set, the whole model by the end.
-        self.files = stack.enter_context(Checkpoint(files))
-        self.folder = folder
-
-    def get(self, name: str) -> torch.Tensor:
-        return _weight(self.files, name, self.adapter, f"{self.folder}: the output has no tensor {name!r}")
-
-    @contextmanager
-    def loaded(self, module: Any, prefix: str) -> Iterator[Any]:
-        """``module`` filled from the files inside the ``with``, and back on ``meta`` (memory freed) after it."""
-        state = {k: self.get(prefix + k) for k in module.state_dict()}
-        module.load_state_dict(state, assign=True)
-        try:
-            yield module
-        finally:
-            module.to("meta")
-
-    def positions(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        return self.rotary(x, torch.arange(x.shape[1])[None])  # type: ignore[no-any-return]
-
-
-@dataclass
-class Row:
-    part: str
-    delta: float
-    tolerance: float
-    hint: str
-
-    @property
-    def ok(self) -> bool:
-        return self.delta <= self.tolerance
-
-
-@dataclass
-class Report:
-    rows: list[Row]
-
-    @property
-    def first_bad(self) -> Row | None:
-        return next((r for r in self.rows if not r.ok), None)
-
-    def to_json(self) -> dict[str, object]:
-        bad = self.first_bad
-        return {
-            "ok": bad is None,
-            "first_divergence": None if bad is None else f"{bad.part}: {bad.hint}",
-            "parts": [
-                {"part": r.part, "max_abs_delta": r.delta, "tolerance": r.tolerance, "ok": r.ok} for r in self.rows
-            ],
-        }
-
-
-def _delta(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return math.inf
-    d = (a - b).abs().max().item()
-    return math.inf if math.isnan(d) else d
-
-
-def failure(out: Path, report: Report) -> PhiRulesError | None:
-    """The one-line error for the first part that diverges, or None when everything is within tolerance."""
-    bad = report.first_bad
-    if bad is None:
-        return None
-    return PhiRulesError(
-        f"{out}: {bad.part} diverges (max|Δ| {bad.delta:.2e} > {bad.tolerance:.2e}) from the original: {bad.hint}"
-    )
-
-
-def layer_rows(report: Report) -> list[tuple[str, float, float]]:
-    """One row per layer (its worst part, relative to its tolerance), plus embeddings, final norm, logits."""
-    grouped: dict[str, Row] = {}
-    for r in report.rows:
-        key = " ".join(r.part.split()[:2]) if r.part.startswith("layer ") else r.part
-        worst = grouped.get(key)
-        if worst is None or r.delta / max(r.tolerance, 1e-30) > worst.delta / max(worst.tolerance, 1e-30):
-            grouped[key] = r
-    return [(k, r.delta, r.tolerance) for k, r in grouped.items()]
-
-
-def verify(
+def verify_legacy(
     source: tuple[Path, ...],
     layout_name: str,
     config: dict[str, Any] | None,
@@ -388,7 +239,7 @@ def verify(
     rows: list[Row] = []
 
     def add(part: str, ref: torch.Tensor, got: torch.Tensor, hint: str) -> None:
-        rows.append(Row(part, _delta(ref, got), tol * max(1.0, ref.abs().max().item()), hint))
+        rows.append(Row(part, delta(ref, got), tol * max(1.0, ref.abs().max().item()), hint))
 
     with torch.no_grad(), Checkpoint(weights) as ckpt, ExitStack() as stack:
         s = sizes(layout, config, str(weights[0].parent))
