@@ -478,11 +478,12 @@ def _plan(args: argparse.Namespace) -> int:
             t.dtype,
             " + ".join(t.sources()),
             " > ".join(t.ops()) or "-",
+            t.moves(),
             ", ".join(t.steps),
         )
         for t in result.tensors
     ]
-    _print_table(("output", "shape", "dtype", "<- source", "ops", "steps"), rows)
+    _print_table(("output", "shape", "dtype", "<- source", "ops", "bytes", "steps"), rows)
     print(
         f"\n{result.rules.name}: {len(result.tensors)} tensors, {result.total_bytes / 1e9:.3f} GB, "
         f"{result.rules.target.architecture} with {json.dumps(result.config)}"

@@ -70,7 +70,7 @@ def phi3_model(shape: dict[str, Any], seed: int = 0) -> modeling_phi3.Phi3ForCau
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = configuration_phi3.Phi3Config(**BASE, **shape)
+        config = configuration_phi3.Phi3Config(**{**BASE, **shape})
     model = modeling_phi3.Phi3ForCausalLM(config).eval()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
@@ -328,3 +328,82 @@ def test_transformers_4_reads_the_output_as_the_source_computes(
         with torch.no_grad():
             want = model(ids[None]).logits[0]
         assert (torch.tensor(result["logits"]) - want).abs().max().item() <= 1e-4, n
+
+
+def test_every_tensor_is_a_byte_copy(cli: Cli, tmp_path: Path) -> None:
+    """Splits along dim 0 and concatenations: plan shows every output as source bytes, both ways."""
+    src = save(phi3_model(FAMILY["phi-4"]), tmp_path / "src", torch.bfloat16)
+    code, out, err = cli("plan", "--source", src, "--to", "llama", "--json")
+    assert code == 0, err
+    assert {t["bytes"] for t in json.loads(out)["tensors"]} == {"copy"}
+    converts(cli, src, tmp_path / "llama", "llama")
+    code, out, err = cli("plan", "--source", tmp_path / "llama", "--to", "phi3", "--json")
+    assert code == 0, err
+    assert {t["bytes"] for t in json.loads(out)["tensors"]} == {"copy"}
+    code, out, _ = cli("plan", "--source", src, "--to", "llama", "--dtype", "float16")
+    assert " cast " in out.splitlines()[1]
+
+
+LLAMA_GGUF = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def test_llama_cpp_converts_a_llamafied_phi4(cli: Cli, tmp_path: Path) -> None:
+    """llama.cpp's own converter reads the Llama output of a Phi-4-shaped model: rope_theta 250000 and the
+    grouped-query head counts arrive, and every tensor llama.cpp does not permute arrives bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from test_interop import _tool
+
+    llama_cpp = _tool("PHI_RULES_LLAMA_CPP", "llama.cpp's convert_hf_to_gguf.py and gguf-py")
+    model = phi3_model({**FAMILY["phi-4"], "vocab_size": 50304})  # room for the GPT-2 tokenizer's ids
+    src = save(model, tmp_path / "src")
+    tokenizer = ROOT / "rules" / "examples" / "tiny-phi-2"
+    converts(cli, src, tmp_path / "out", "llama", "--tokenizer", tokenizer)
+    gguf_file = tmp_path / "phi-4.gguf"
+    convert = [str(llama_cpp / "convert_hf_to_gguf.py"), str(tmp_path / "out"), "--outfile", str(gguf_file)]
+    run = subprocess.run(
+        [sys.executable, *convert, "--outtype", "f32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
+    try:
+        import gguf
+    finally:
+        sys.path.remove(str(llama_cpp / "gguf-py"))
+    reader = gguf.GGUFReader(gguf_file)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.rope.freq_base"].contents() == 250000.0
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    theirs = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+
+    def gguf_name(name: str) -> str:
+        module, param = name.rsplit(".", 1)
+        if module.startswith("model.layers."):
+            layer, rest = module.removeprefix("model.layers.").split(".", 1)
+            return f"blk.{layer}.{LLAMA_GGUF[rest]}.{param}"
+        return f"{LLAMA_GGUF[module]}.{param}"
+
+    assert set(theirs) == {gguf_name(n) for n in ours}
+    for name, tensor in ours.items():
+        if "q_proj" not in name and "k_proj" not in name:  # llama.cpp permutes q and k rows for its rotary
+            assert torch.equal(theirs[gguf_name(name)].reshape(tensor.shape), tensor), name

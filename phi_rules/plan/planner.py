@@ -73,6 +73,16 @@ class PlannedTensor:
     def ops(self) -> list[str]:
         return [str(op) for op in _ops_of(self.value)]
 
+    def moves(self) -> str:
+        """How its bytes are written: ``copy`` (source byte ranges as they are), ``cast`` (the same elements
+        in another dtype, streamed) or ``compute`` (an op moves elements: torch runs it)."""
+        from phi_rules.plan.segments import source_segments
+
+        found = source_segments(self.value)
+        if found is None:
+            return "compute"
+        return "copy" if found[1] == self.dtype else "cast"
+
 
 def source_infos(value: Value) -> Iterator[TensorInfo]:
     if isinstance(value, TensorInfo):
@@ -118,6 +128,7 @@ class Plan:
                     "name": t.name,
                     "sources": t.sources(),
                     "ops": t.ops(),
+                    "bytes": t.moves(),
                     "shape": list(t.shape),
                     "dtype": t.dtype,
                     "steps": list(t.steps),

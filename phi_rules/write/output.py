@@ -11,12 +11,12 @@ from phi_rules.language.ops import Segment
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options
 from phi_rules.plan.planner import Plan, PlannedTensor
+from phi_rules.plan.segments import source_segments
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
 from phi_rules.source.resolve import ResolvedSource
 from phi_rules.write import stream
 from phi_rules.write.safetensors import SafetensorsWriter
-from phi_rules.write.segments import source_segments
 from phi_rules.write.stream import Progress
 
 if TYPE_CHECKING:  # torch is imported only when a tensor's bytes change: byte copies need none
