@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,3 +313,47 @@ def test_hub_source_with_no_rule_named(hub: Hub, hf_home: Path, tmp_path: Path) 
     missing = phi_rules_cli(hub, hf_home, "apply", "--source", "someone/nothing@main", "--out", tmp_path / "o")
     assert missing.returncode == 1 and not (tmp_path / "o").exists()
     assert "someone/nothing: repository not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _cached_weights(hf_home: Path) -> list[Path]:
+    snapshot = hf_home / "hub" / "models--microsoft--phi-2" / "snapshots" / COMMIT
+    return [snapshot / name for name in WEIGHTS]
+
+
+def test_cached_hub_blobs_are_not_hashed_again(
+    hub: Hub, hf_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob huggingface_hub stored before this run is named by the hub's sha256: that digest is used."""
+    from phi_rules.source import digest
+
+    assert phi_rules_cli(hub, hf_home, "apply", PHI2, "--out", tmp_path / "a", "--quiet").returncode == 0
+    monkeypatch.setattr(digest, "STARTED_NS", time.time_ns())  # a later run: the blobs were there before it
+    monkeypatch.setenv("PHI_RULES_CACHE", "")  # and no remembered digests
+
+    def hashed(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed")
+
+    monkeypatch.setattr(digest, "sha256_file", hashed)
+    paths = _cached_weights(hf_home)
+    served = hub.repos["microsoft/phi-2"].commits[COMMIT]
+    assert digest.Hasher(paths, {}).result() == {n: hashlib.sha256(served[n]).hexdigest() for n in WEIGHTS}
+
+
+def test_a_cached_blob_changed_on_disk_is_caught(
+    hub: Hub, hf_home: Path, tmp_path: Path, files: dict[str, dict[str, bytes]]
+) -> None:
+    """Bytes rewritten after the download (same size, mtime put back): the blob's ctime is later than its
+    link's, so it is hashed, and the pin check stops the conversion before anything is published."""
+    rule = pinned_rule(tmp_path, files["phi-2"])
+    assert phi_rules_cli(hub, hf_home, "apply", rule, "--out", tmp_path / "a", "--quiet").returncode == 0
+    blob = _cached_weights(hf_home)[0].resolve()
+    before = blob.stat()
+    time.sleep(0.05)
+    with blob.open("r+b") as fh:
+        fh.seek(before.st_size - 16)
+        fh.write(b"\xff" * 16)
+    os.utime(blob, ns=(before.st_atime_ns, before.st_mtime_ns))
+    hub.stop()
+    run = phi_rules_cli("http://127.0.0.1:9", hf_home, "apply", rule, "--out", tmp_path / "b", "--offline", "--quiet")
+    expected = hashlib.sha256(files["phi-2"][WEIGHTS[0]]).hexdigest()
+    assert_one_line_error(run, tmp_path / "b", f"{WEIGHTS[0]}: sha256 mismatch: the rule pins {expected}")

@@ -5,7 +5,9 @@ threads (one per file, up to the core count) while the bytes move, and a digest 
 file's identity: path, device, inode, size, modification and change time. The change time (ctime)
 cannot be set from user space, so a file rewritten in any way, even with its mtime restored, gets a
 new identity and is hashed again. ``PHI_RULES_CACHE`` names the folder (default
-``$XDG_CACHE_HOME/phi-rules``, else ``~/.cache/phi-rules``); set it empty to hash every run.
+``$XDG_CACHE_HOME/phi-rules``, else ``~/.cache/phi-rules``); set it empty to hash every run. A file the
+Hugging Face cache holds as an LFS blob is not hashed at all while it is unchanged since its download:
+the blob is named by the sha256 the hub computed (see :func:`vouched_by_hub`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from phi_rules.errors import PhiRulesError
 
 _HEX = re.compile(r"[0-9a-f]{64}")
+STARTED_NS = time.time_ns()  # blobs linked into the hub cache after this were downloaded by this run
 FRESH_S = 2.0  # a file changed this recently may change again within the same timestamp tick: not remembered
 
 
@@ -86,8 +89,27 @@ def sha256_file(path: Path) -> str:
     return digest
 
 
+def vouched_by_hub(path: Path) -> str | None:
+    """The sha256 huggingface_hub named a cached file's blob by, where the blob is unchanged since download.
+
+    An LFS file in the hub cache is a link ``snapshots/REV/NAME -> ../../blobs/SHA256``, made after the blob
+    was written in full. A blob written to afterwards has a change time (ctime, which user space cannot
+    set) later than its link's; such a blob, or any other file, is hashed instead. So is a blob downloaded
+    by this run: its bytes were just read from the network, which is all a mirror vouches for."""
+    try:
+        if not path.is_symlink():
+            return None
+        target = Path(os.path.realpath(path))
+        if target.parent.name != "blobs" or not _HEX.fullmatch(target.name):
+            return None
+        linked = os.lstat(path).st_mtime_ns
+        return target.name if os.stat(target).st_ctime_ns <= linked < STARTED_NS else None
+    except OSError:
+        return None
+
+
 def _known(path: Path) -> Future[str] | None:
-    digest = remembered(path)
+    digest = vouched_by_hub(path) or remembered(path)
     if digest is None:
         return None
     done: Future[str] = Future()
