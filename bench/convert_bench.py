@@ -1,11 +1,13 @@
 """Benchmark: wall time and peak RSS of `phi-rules apply` (plain and casting to bfloat16, each with the
 source hashes computed and with them cached), `plan`, `detect`, `validate` and `verify`, against `cp` of
-the same bytes, the imports they cannot avoid, and a seed-style in-memory conversion, on a generated
-phi-msft checkpoint. Every run finds the source in the page cache, as cp does. Prints figures and
-ratios; asserts nothing.
+the same bytes, the floor of a first conversion (`cp` of the shards beside `openssl dgst -sha256` of the
+same files: every byte copied and hashed), the imports they cannot avoid, and a seed-style in-memory
+conversion, on a generated checkpoint. Every run finds the source in the page cache, as cp does. Prints
+figures, ratios and their ranges over alternating rounds; asserts nothing.
 
-    python bench/convert_bench.py                 # phi-2 shape: 5.6 GB fp16 in two shards
-    python bench/convert_bench.py --preset small  # a quick run
+    python bench/convert_bench.py                       # phi-2 shape: 5.6 GB fp16 in two shards
+    python bench/convert_bench.py --preset phi-3-mini   # Phi-3-mini shape: 7.6 GB bf16, --to llama
+    python bench/convert_bench.py --preset small        # a quick run
 
 Checkpoints are generated once under bench/data/ (git-ignored) and reused.
 """
@@ -32,12 +34,41 @@ class Shape:
     vocab: int
     hidden: int
     layers: int
+    phi3: bool = False  # a Phi3ForCausalLM checkpoint (bf16), converted --to llama; else phi-msft (fp16)
 
 
-PRESETS = {"phi-2": Shape(51200, 2560, 32), "small": Shape(51200, 1024, 8), "tiny": Shape(1024, 256, 2)}
+PRESETS = {
+    "phi-2": Shape(51200, 2560, 32),
+    "small": Shape(51200, 1024, 8),
+    "tiny": Shape(1024, 256, 2),
+    "phi-3-mini": Shape(32064, 3072, 32, phi3=True),
+    "phi-3-small": Shape(32064, 1024, 8, phi3=True),
+}
 
 
 def tensors(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the checkpoint, in the order its own tools write them."""
+    return phi3_tensors(shape) if shape.phi3 else msft_tensors(shape)
+
+
+def phi3_tensors(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
+    """Phi-3-mini: 32 heads of 96, no grouped-query, intermediate 8192 (8/3 of the hidden size)."""
+    e, i = shape.hidden, shape.hidden * 8 // 3
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shape.vocab, e))]
+    for n in range(shape.layers):
+        p = f"model.layers.{n}."
+        out += [
+            (p + "input_layernorm.weight", (e,)),
+            (p + "self_attn.qkv_proj.weight", (3 * e, e)),
+            (p + "self_attn.o_proj.weight", (e, e)),
+            (p + "post_attention_layernorm.weight", (e,)),
+            (p + "mlp.gate_up_proj.weight", (2 * i, e)),
+            (p + "mlp.down_proj.weight", (e, i)),
+        ]
+    return [*out, ("model.norm.weight", (e,)), ("lm_head.weight", (shape.vocab, e))]
+
+
+def msft_tensors(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of a phi-msft checkpoint, in phi-2's order."""
     e, i = shape.hidden, 4 * shape.hidden
     out: list[tuple[str, tuple[int, ...]]] = [("transformer.embd.wte.weight", (shape.vocab, e))]
@@ -65,8 +96,10 @@ def tensors(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def generate(shape: Shape, folder: Path) -> None:
-    """Write two fp16 safetensors shards tensor by tensor (bounded memory), plus config.json."""
+    """Write two safetensors shards tensor by tensor (bounded memory), plus config.json."""
     import torch
+
+    dtype, code = (torch.bfloat16, "BF16") if shape.phi3 else (torch.float16, "F16")
 
     folder.mkdir(parents=True, exist_ok=True)
     items = tensors(shape)
@@ -76,28 +109,54 @@ def generate(shape: Shape, folder: Path) -> None:
         offset = 0
         for name, dims in part:
             size = math.prod(dims) * 2
-            header[name] = {"dtype": "F16", "shape": list(dims), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": code, "shape": list(dims), "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)
         with (folder / f"model-{k + 1:05d}-of-00002.safetensors").open("wb") as fh:
             fh.write(len(raw).to_bytes(8, "little") + raw)
             for _, dims in part:
-                fh.write((torch.randn(math.prod(dims)) * 0.02).half().numpy().tobytes())
-    config = {
-        "model_type": "phi-msft",
-        "vocab_size": shape.vocab,
-        "n_embd": shape.hidden,
-        "n_layer": shape.layers,
-        "n_head": 32,
-        "n_inner": None,
-        "rotary_dim": 32,
-        "n_positions": 2048,
-        "layer_norm_epsilon": 1e-5,
-        "activation_function": "gelu_new",
-        "tie_word_embeddings": False,
-    }
+                fh.write((torch.randn(math.prod(dims)) * 0.02).to(dtype).view(torch.int16).numpy().tobytes())
+    config = (
+        PHI3_CONFIG | {"vocab_size": shape.vocab, "hidden_size": shape.hidden}
+        if shape.phi3
+        else {
+            "model_type": "phi-msft",
+            "vocab_size": shape.vocab,
+            "n_embd": shape.hidden,
+            "n_layer": shape.layers,
+            "n_head": 32,
+            "n_inner": None,
+            "rotary_dim": 32,
+            "n_positions": 2048,
+            "layer_norm_epsilon": 1e-5,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": False,
+        }
+    )
+    if shape.phi3:
+        config |= {"num_hidden_layers": shape.layers, "intermediate_size": shape.hidden * 8 // 3}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# Phi-3-mini-4k-instruct's config.json as the hub has it, less its sliding window (Llama has none).
+PHI3_CONFIG = {
+    "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "pad_token_id": 32000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 
 
 SEED_STYLE = """
@@ -155,6 +214,12 @@ def measure(cmd: list[str], label: str, env: dict[str, str] | None = None) -> tu
     return wall, rss
 
 
+def spread(walls: dict[str, list[float]], name: str, base: str) -> str:
+    """The range of the per-round ratios (each round's run against the same round's base)."""
+    ratios = [a / b for a, b in zip(walls[name], walls[base], strict=True)]
+    return f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="phi-2")
@@ -184,17 +249,22 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
 
+    phi3 = PRESETS[args.preset].phi3
+    rule = ["--to", "llama"] if phi3 else ["rules/phi-2.yaml"]  # Phi3 sources: detected, --to picks Llama
+    modeling = "transformers.models.llama.modeling_llama" if phi3 else "transformers.models.phi.modeling_phi"
     fresh()
     measure(["cat", *(str(src / s) for s in shards)], "warm the page cache (cat)")
     torch_wall, _ = measure([py, "-c", "import torch"], "import torch")
-    imp_wall, _ = measure([py, "-c", "import transformers.models.phi.modeling_phi"], "import modeling_phi")
-    plan_wall, _ = measure([*cli, "plan", "rules/phi-2.yaml", "--source", str(src), "--json"], "phi-rules plan")
+    imp_wall, _ = measure([py, "-c", f"import {modeling}"], f"import {modeling.rsplit('.', 1)[1]}")
+    plan_wall, _ = measure([*cli, "plan", *rule, "--source", str(src), "--json"], "phi-rules plan")
     detect_wall, detect_rss = measure([*cli, "detect", str(src)], "phi-rules detect")
     validate_wall, _ = measure([*cli, "validate", "rules/"], "phi-rules validate rules/")
-    in_process = [py, "-c", PLAN_IN_PROCESS, str(src)]
-    measure(in_process, "phi_rules.plan() after imports")
+    if not phi3:
+        measure([py, "-c", PLAN_IN_PROCESS, str(src)], "phi_rules.plan() after imports")
     cache = args.data / "sha256-cache"  # the digest cache: emptied for the cold runs
-    apply = [*cli, "apply", "rules/phi-2.yaml", "--source", str(src), "--out", str(out), "--quiet", *tokenizer]
+    apply = [*cli, "apply", *rule, "--source", str(src), "--out", str(out), "--quiet", *tokenizer]
+    files = " ".join(str(src / s) for s in shards)
+    floor = ["sh", "-c", f"cp {files} {out} & openssl dgst -sha256 {files} > /dev/null; wait"]
     cast = [*apply, "--dtype", "bfloat16"]
     walls: dict[str, list[float]] = {}
     rss: dict[str, float] = {}
@@ -210,6 +280,8 @@ def main() -> None:
     for _ in range(args.rounds):  # alternate, so that neither always runs on a warmer machine
         fresh()
         walls.setdefault("cp", []).append(measure(["cp", *(str(src / s) for s in shards), str(out)], "cp")[0])
+        fresh()
+        walls.setdefault("floor", []).append(measure(floor, "floor: cp beside openssl dgst -sha256")[0])
         run("cold", apply, "apply, source hashes not cached", cold=True)
         run("cast-cold", cast, "apply --dtype bfloat16, not cached", cold=True)
         run("cast-warm", cast, "apply --dtype bfloat16, cached")
@@ -220,17 +292,21 @@ def main() -> None:
     fresh()
     cp_sync, _ = measure(["sh", "-c", f"cp {' '.join(str(src / s) for s in shards)} {out} && sync"], "cp && sync")
     fresh()
-    seed_wall, seed_rss = measure([py, "-c", SEED_STYLE, str(src), str(out), *shards], "seed-style in-memory")
+    seed_wall, seed_rss = math.nan, math.nan
+    if not phi3:
+        seed_wall, seed_rss = measure([py, "-c", SEED_STYLE, str(src), str(out), *shards], "seed-style in-memory")
     shutil.rmtree(out)
     med = {name: statistics.median(w) for name, w in walls.items()}
     print(f"medians of {args.rounds} alternating rounds: " + ", ".join(f"{n} {w:.2f} s" for n, w in med.items()))
-    for name, what in (
-        ("cold", "apply / cp, hashing every source byte"),
-        ("warm", "apply / cp, source hashes cached"),
-        ("cast-cold", "apply --dtype bfloat16 / cp, hashing"),
-        ("cast-warm", "apply --dtype bfloat16 / cp, cached"),
+    print(f"floor / cp: {med['floor'] / med['cp']:.2f}x  {spread(walls, 'floor', 'cp')}")
+    for name, base, what in (
+        ("cold", "floor", "first apply / floor, hashing every byte"),
+        ("warm", "cp", "apply / cp, source hashes cached"),
+        ("cast-cold", "floor", "apply --dtype bfloat16 / floor, hashing"),
+        ("cast-warm", "cp", "apply --dtype bfloat16 / cp, cached"),
     ):
-        print(f"{what:<42} {med[name] / med['cp']:.2f}x   (peak RSS {rss[name]:.0f} MB)")
+        ratio = med[name] / med[base]
+        print(f"{what:<42} {ratio:.2f}x  {spread(walls, name, base)}  (peak RSS {rss[name]:.0f} MB)")
     print(
         f"apply --fsync / (cp && sync): {durable / cp_sync:.2f}x\n"
         f"plan: {plan_wall:.2f} s = import modeling_phi {imp_wall:.2f} s + {plan_wall - imp_wall:.2f} s   "
