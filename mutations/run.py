@@ -21,13 +21,28 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+SKIPPED = {".git", "__pycache__", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache", "build", "dist"}
+
+
+def _skipped(folder: str, names: list[str]) -> list[str]:
+    """What the scratch copy leaves out: version control, caches, builds, benchmark data, outputs."""
+    here = Path(folder)
+    return [
+        n
+        for n in names
+        if n in SKIPPED
+        or n.endswith(".egg-info")
+        or (here == ROOT / "bench" and n == "data")
+        or (here == ROOT and n == "out")
+    ]
+
+
 def run(mutation: dict[str, str]) -> bool:
     """True when the mutation is killed (its tests fail)."""
     with tempfile.TemporaryDirectory(prefix="phi-rules-mutant-") as scratch:
         copy = Path(scratch) / "repo"
         # symlinks kept: phi_rules/data/rules links to rules/, so a mutated rule is the one the package reads
-        ignore = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info")
-        shutil.copytree(ROOT, copy, symlinks=True, ignore=ignore)
+        shutil.copytree(ROOT, copy, symlinks=True, ignore=_skipped)
         target = copy / mutation["file"]
         text = target.read_text()
         if text.count(mutation["find"]) != 1:
