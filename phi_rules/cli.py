@@ -208,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     source_args(pl)
     pl.add_argument("--to", metavar="TARGET", help=TO_HELP)
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON document")
+    pl.add_argument("--quiet", action="store_true", help="no notes (warnings and errors still show)")
 
     a = sub.add_parser(
         "apply",
@@ -467,7 +468,7 @@ def _plan(args: argparse.Namespace) -> int:
     _quiet_libraries()
 
     (rules,) = _rules_for(args, [args.rules] if args.rules else [])
-    result = pipeline.plan(rules, _options(args), note=_note(args.json))
+    result = pipeline.plan(rules, _options(args), note=_note(args.json or args.quiet))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
@@ -566,6 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `phi-rules plan … | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # a bug, not bad input: still one line, the traceback only on request
         if args.debug:
             raise
@@ -574,9 +578,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: internal error ({type(exc).__name__}: {reason}); rerun with --debug to report it", file=sys.stderr
         )
         return 1
-    except BrokenPipeError:  # `phi-rules plan … | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def run() -> NoReturn:

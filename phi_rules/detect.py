@@ -84,8 +84,9 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
             fits.append(Fit(rules, exc.diagnostics[0].message))
             continue
         fits.append(Fit(rules, *_verdict(plan)) if plan.problems else Fit(rules, ""))
-    if not read:
-        raise PhiRulesError(f"{source}: no candidate rule could read it: {fits[0].reason if fits else 'none given'}")
+    if not read:  # the source itself could not be read: that one line says why
+        reason = fits[0].reason if fits else "none given"
+        raise PhiRulesError(reason if reason.startswith(str(source)) else f"{source}: cannot be read: {reason}")
     return fits
 
 

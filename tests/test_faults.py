@@ -12,6 +12,7 @@ import os
 import signal
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,3 +490,55 @@ def test_fuzzed_safetensors_headers_never_crash_plan(
 def test_readme_lists_the_matrix() -> None:
     readme = (ROOT / "README.md").read_text()
     assert all(f"| `{c.name}` |" in readme for c in CASES)
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", (ROOT / "README.md").read_bytes()], ids=["text", "readme"])
+@pytest.mark.parametrize("command", ["apply", "detect"])
+def test_a_text_file_as_source_is_named_as_such(cli, tmp_path: Path, content: bytes, command: str) -> None:
+    src = tmp_path / "notes.md"
+    src.write_bytes(content)
+    args = ["apply", "--source", src, "--out", tmp_path / "out"] if command == "apply" else ["detect", src]
+    code, _, err = cli(*args)
+    assert code == 1 and err.strip() == (
+        f"error: {src}: not a weights file (neither safetensors nor a PyTorch .bin: it starts with {content[:4]!r}); "
+        "give the checkpoint's folder or its .safetensors/.bin file"
+    ), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mistyped_local_path_is_not_a_hub_repository(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ckpt/msfT` where ckpt/ is a folder here: not found at once, no request to any hub."""
+    import socket
+
+    good(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as silent:  # a hub that accepts connections and never answers: a request would hang
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        start = time.monotonic()
+        code, _, err = cli("apply", "--source", "ckpt/msfT", "--out", "out")
+    assert code == 1 and err.strip() == "error: ckpt/msfT: source not found", err
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["list", "--json"], ["plan", PHI2, "--source", str(ROOT / "rules/examples/tiny-phi-2"), "--quiet"]],
+    ids=["list", "plan"],
+)
+def test_output_cut_short_by_its_reader_is_no_error(tmp_path: Path, args: list[str]) -> None:
+    """`phi-rules plan … | head -c 1`: the reader has what it wanted; exit 0, nothing on stderr."""
+    command = " ".join([*PHI_RULES, *args])
+    run = subprocess.run(
+        f"{command} 2>{tmp_path}/err.txt | head -c 1 >/dev/null; echo ${{PIPESTATUS[0]}}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert run.stdout.strip() == "0"
+    assert (tmp_path / "err.txt").read_text() == ""

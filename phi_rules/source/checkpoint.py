@@ -34,8 +34,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _looks_like_torch_save(path: Path) -> None:
+    """``torch.save`` writes a zip archive (or, before torch 1.6, a pickle): anything else is no weights file,
+    and the unpickler's own error for it (``KeyError: 101``) would say nothing."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise PhiRulesError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise PhiRulesError(
+            f"{path}: not a weights file (neither safetensors nor a PyTorch .bin: it starts with {head!r}); "
+            "give the checkpoint's folder or its .safetensors/.bin file"
+        )
+
+
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A ``.bin`` state dict, memory-mapped where the format allows, never running pickled code."""
+    _looks_like_torch_save(path)
     import torch
 
     try:

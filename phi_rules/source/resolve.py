@@ -222,9 +222,14 @@ def _commit_of(path: Path, filename: str) -> str:
 
 
 def source_argument(text: str) -> tuple[Path | None, str | None]:
-    """``--source``: an existing path, else a hub repository ``owner/name[@revision]``, else a missing path."""
+    """``--source``: an existing path, else a hub repository ``owner/name[@revision]``, else a missing path.
+
+    A missing ``ckpt/msfT`` whose first part is a folder here is a mistyped path, not a repository: it is
+    reported as not found at once instead of asking the network for a repository ``ckpt/msfT``."""
     path = Path(text)
-    if not path.exists() and _HUB_ID.fullmatch(text):
+    owner = text.split("/", 1)[0]
+    looks_local = text.startswith((".", "/", "~")) or Path(owner).is_dir()
+    if not path.exists() and _HUB_ID.fullmatch(text) and not looks_local:
         return None, text
     return path, None
 
