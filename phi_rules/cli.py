@@ -291,12 +291,17 @@ def _schema(output: Path | None) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from phi_rules.language.rules import check_file, rule_files
+    from phi_rules.language.rules import check_file, notes, rule_files
 
     files = rule_files(args.paths)
     found: list[Diagnostic] = []
+    said: list[Diagnostic] = []
     for f in files:
         found.extend(check_file(f))
+        said.extend(notes(f))
+    if args.format != "json":
+        for d in said:
+            print(f"{d.file}:{d.line}:{d.column}: note: {d.message}", file=sys.stderr)
     if not files:
         found.append(Diagnostic("no rule files found", " ".join(args.paths)))
     if args.format == "json":
@@ -308,24 +313,30 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
+def _shown(path: Path) -> str:
+    """A shipped file as the user can open it: relative to here inside a clone, else its installed path."""
+    real = path.resolve()
+    return str(real.relative_to(Path.cwd())) if real.is_relative_to(Path.cwd()) else str(real)
+
+
 def _list(as_json: bool) -> int:
     from phi_rules.language.document import RULES_DIR, LoadError, load_document
     from phi_rules.language.rules import load_rules, rule_files
 
     rows = []
     for f in rule_files([RULES_DIR]):
-        row: dict[str, str | None] = {
-            "name": None,
-            "layout": None,
-            "file": str(f.relative_to(RULES_DIR.parent)),
-            "description": "",
-        }
+        row: dict[str, str | None] = {"name": None, "layout": None, "file": _shown(f), "description": ""}
         try:
             if load_document(f, str(f)).abstract:
                 row["description"] = "(a base that other rules extend)"
             else:
                 r = load_rules(f)
                 row |= {"name": r.name, "layout": r.layout or None, "description": " ".join(r.description.split())}
+                if r.reversible:  # the backward rule it derives: a rule of its own, by name
+                    b = load_rules(f, backward=True)
+                    described = f"(derived: {r.name} backward) {' '.join(b.description.split())}"
+                    rows.append(row)
+                    row = {"name": b.name, "layout": b.layout or None, "file": _shown(f), "description": described}
         except (PhiRulesError, LoadError) as exc:
             row["description"] = f"(invalid: {exc.diagnostics[0].message})"
         rows.append(row)

@@ -124,6 +124,7 @@ def test_list_shows_shipped_rules(cli) -> None:
     assert code == 0
     rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:]}
     assert rows["phi-2"] == ["phi-msft", "rules/phi-2.yaml"] and "seed-compat-phi-2" in rows
+    assert rows["llama-to-phi3"] == ["llama", "rules/phi3/llama.yaml"]  # a derived backward rule, by name
     code, out, _ = cli("list", "--json")
     listed = {r["file"]: r for r in json.loads(out)}
     assert code == 0 and listed["rules/transformers-4.36.yaml"]["layout"] == "transformers-4.36"
@@ -233,3 +234,28 @@ def test_short_form_is_the_documented_regex_form() -> None:
     assert kinds == {"i": "int", "fc": "text", "p": "text"}
     assert shortform.target("model.layers.{i - 1}.mlp.{fc}.{p}", kinds, ()) == r"model.layers.{i - 1}.mlp.\g<fc>.\g<p>"
     assert shortform.pattern("a.{x:int}")[1] == {"x": "int"}
+
+
+def test_a_copied_shipped_rule_validates_elsewhere(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its relative base is not beside the copy: the shipped one is used, and a note says so."""
+    for shipped in ("phi-2.yaml", "phi3/mistral.yaml"):
+        (tmp_path / Path(shipped).name).write_text((ROOT / "rules" / shipped).read_text())
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("validate", "phi-2.yaml", "mistral.yaml")
+    assert code == 0, out + err
+    assert "phi-2.yaml:5:10: note: layouts/phi-msft.yaml is not beside this file: using the shipped" in err
+    assert "mistral.yaml:4:10: note: llama.yaml is not beside this file: using the shipped phi3/llama.yaml" in err
+
+
+@pytest.mark.parametrize("name", ["phi-2", "phi-1_5-mixformer", "llama-to-phi3"])
+def test_validate_takes_a_shipped_rule_by_name_or_file_stem(cli, name: str) -> None:
+    code, out, err = cli("validate", name)
+    assert code == 0 and "1 file(s) checked, 0 error(s)" in err, out + err
+
+
+def test_a_local_path_replaces_an_inherited_hub_source(cli, tmp_path: Path) -> None:
+    rule = tmp_path / "mine.yaml"
+    rule.write_text(f"version: 1\nname: mine\nextends: phi-2\nsource: {{path: {ROOT / 'rules/examples/tiny-phi-2'}}}\n")
+    assert cli("validate", rule)[0] == 0
+    code, out, err = cli("plan", rule, "--json", "--quiet")
+    assert code == 0 and json.loads(out)["rule"] == "mine", err

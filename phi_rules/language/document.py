@@ -42,6 +42,7 @@ class Document:
     located: Located
     texts: list[str]
     abstract: bool
+    notes: tuple[Diagnostic, ...] = ()  # said, not wrong: a base found among the shipped rules
 
 
 def _error(located: Located, path: YPath, message: str, *, key: bool = False) -> LoadError:
@@ -77,12 +78,20 @@ def shipped_reverse_names() -> dict[str, Path]:
     return found
 
 
+def shipped_stems() -> dict[str, Path]:
+    """Shipped rule files by file stem (``phi-1_5-mixformer``), for those who name a rule by its file."""
+    found: dict[str, Path] = {}
+    for f in sorted(RULES_DIR.rglob("*.yaml")):
+        found.setdefault(f.stem, f)
+    return found
+
+
 def rule_path(ref: str) -> Path:
-    """A rule argument: a file path, or the ``name`` of a shipped rule (``phi-rules apply phi-2 …``)."""
+    """A rule argument: a file path, or the ``name`` (or file stem) of a shipped rule (``phi-rules apply phi-2``)."""
     path = Path(ref)
     if path.exists() or "/" in ref or ref.endswith((".yaml", ".yml")):
         return path
-    hit = shipped_names().get(ref)
+    hit = shipped_names().get(ref) or shipped_stems().get(ref) or shipped_reverse_names().get(ref)
     if hit is None:
         known = {**shipped_names(), **shipped_reverse_names()}
         raise PhiRulesError(
@@ -92,12 +101,18 @@ def rule_path(ref: str) -> Path:
     return hit
 
 
-def _base(path: Path, display: str, ref: str) -> tuple[Path, str] | None:
+def _base(path: Path, display: str, ref: str) -> tuple[Path, str, bool] | None:
+    """The base file and how to show it, and whether it was found among the shipped rules in place of a file
+    that is not beside this one (a shipped rule copied out of the repo names its base relatively)."""
     if "/" not in ref and not ref.endswith((".yaml", ".yml")):
         hit = shipped_names().get(ref)
-        return (hit, str(hit)) if hit else None
+        return (hit, str(hit), False) if hit else None
     base = path.parent / ref
-    return (base, os.path.normpath(os.path.join(os.path.dirname(display), ref))) if base.is_file() else None
+    if base.is_file():
+        return base, os.path.normpath(os.path.join(os.path.dirname(display), ref)), False
+    tail = "/" + "/".join(part for part in Path(ref).parts if part not in (".", ".."))
+    shipped = [f for f in sorted(RULES_DIR.rglob("*.yaml")) if f.as_posix().endswith(tail)]
+    return (shipped[0], str(shipped[0]), True) if len(shipped) == 1 else None
 
 
 def load_document(path: Path, display: str, text: str | None = None, chain: tuple[Path, ...] = ()) -> Document:
@@ -131,7 +146,12 @@ def load_document(path: Path, display: str, text: str | None = None, chain: tupl
     base = load_document(found[0], found[1], chain=(*chain, me))
     merged = _merge(base.located, located)
     _edit_steps(merged)
-    return Document(merged, [text, *base.texts], abstract)
+    notes = base.notes
+    if found[2]:
+        file, line, col = located.position(("extends",))
+        said = f"{ref} is not beside this file: using the shipped {found[0].relative_to(RULES_DIR).as_posix()}"
+        notes = (*notes, Diagnostic(said, file, line, col, "extends", "note"))
+    return Document(merged, [text, *base.texts], abstract, notes)
 
 
 def _merge(base: Located, over: Located) -> Located:
@@ -142,10 +162,17 @@ def _merge(base: Located, over: Located) -> Located:
     return out
 
 
+# A source is one of two kinds: a file that gives one kind replaces the base's other kind instead of adding to it.
+_SOURCE_KINDS = {"path": ("repo", "revision", "files"), "repo": ("path",)}
+
+
 def _merge_value(path: YPath, b: object, o: object, base: Located, over: Located, out: Located) -> object:
     if not (isinstance(b, dict) and isinstance(o, dict)):
         out.take(over.subtree(path, path))
         return o
+    if path == ("source",):
+        other = {k for kind, drops in _SOURCE_KINDS.items() if kind in o for k in drops}
+        b = {k: v for k, v in b.items() if k not in other}
     out.values[path] = over.values.get(path) or base.position(path)
     result: dict[str, object] = {}
     for k, v in b.items():

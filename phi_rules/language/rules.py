@@ -667,6 +667,14 @@ def check_text(text: str, display: str = "<string>", path: Path | None = None) -
     return _sorted(_check(display, path or Path(display), text)[0])
 
 
+def notes(path: Path | str) -> list[Diagnostic]:
+    """What loading a rule file says without it being wrong (a base found among the shipped rules)."""
+    try:
+        return list(load_document(Path(path), str(path)).notes)
+    except LoadError:
+        return []
+
+
 def check_file(path: Path | str) -> list[Diagnostic]:
     """All problems of one rule file (and of the bases it extends, and of its derived backward rule), sorted
     by position; empty if valid."""
@@ -690,7 +698,7 @@ def load_rules(path: Path | str, backward: bool = False) -> Rules:
 def rule_files(paths: Iterable[Path | str]) -> list[Path]:
     """Expand folders into the ``*.yaml``/``*.yml`` files below them, sorted; files pass through."""
     found: list[Path] = []
-    for p in map(Path, paths):
+    for p in (Path(x) if Path(x).exists() else rule_path(str(x)) for x in paths):  # a shipped rule by name
         if p.is_dir():
             found.extend(sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml") and f.is_file()))
         else:
