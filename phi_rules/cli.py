@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     li = sub.add_parser("list", help="list the shipped rules: name, layout, file, description")
     li.add_argument("--json", action="store_true", help="print them as one JSON document")
 
-    def source_args(q: argparse.ArgumentParser) -> None:
+    def source_args(q: argparse.ArgumentParser, converting: bool = True) -> None:
+        """Where the source comes from; and, for commands that write or plan an output, what shapes it."""
         g = q.add_argument_group("source", "where the original weights come from (default: the rule's source)")
         g.add_argument(
             "--source",
@@ -132,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--cache-dir", type=Path, metavar="DIR", help="hub cache (default: HF_HUB_CACHE)")
         g.add_argument("--offline", action="store_true", help="use only the hub cache (like HF_HUB_OFFLINE=1)")
         g.add_argument("--token", help="hub token for private or gated repos (default: HF_TOKEN / saved login)")
+        if not converting:  # verify reads what was written: nothing here would change it
+            return
         g.add_argument(
             "--tokenizer",
             metavar="PATH|OWNER/NAME@REV",
@@ -191,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("ORIGINAL", "CONVERTED"),
         help="OUT and --source are adapters: the base they belong to, its original checkpoint and its conversion",
     )
-    source_args(ve)
+    source_args(ve, converting=False)
 
     pl = sub.add_parser(
         "plan",
@@ -351,7 +354,8 @@ def _list(as_json: bool) -> int:
 def _options(args: argparse.Namespace) -> Options:
 
     path, hub = source_argument(str(args.source)) if args.source is not None else (None, None)
-    src = SourceOptions(path, hub, args.revision, args.cache_dir, args.offline, args.token, args.tokenizer)
+    tokenizer = getattr(args, "tokenizer", None)
+    src = SourceOptions(path, hub, args.revision, args.cache_dir, args.offline, args.token, tokenizer)
     extra = {}
     if args.command == "apply":
         extra = {
@@ -363,7 +367,7 @@ def _options(args: argparse.Namespace) -> Options:
             "require_tokenizer": args.require_tokenizer,
             "verify": args.verify,
         }
-    return Options(source=src, overrides=dict(args.set), dtype=args.dtype, **extra)
+    return Options(source=src, overrides=dict(getattr(args, "set", [])), dtype=getattr(args, "dtype", None), **extra)
 
 
 def _note(quiet: bool) -> Callable[[str], None]:

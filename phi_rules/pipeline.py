@@ -24,6 +24,7 @@ from phi_rules.dtypes import FLOAT_DTYPES
 from phi_rules.errors import PhiRulesError
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options
+from phi_rules.plan import remembered
 from phi_rules.plan.planner import Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
@@ -63,12 +64,13 @@ def _uniform_dtype(plan: Plan) -> str | None:
     return floats.pop() if len(floats) == 1 else None
 
 
-def _planned(
-    rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options
-) -> tuple[Plan, Any]:
-    """The checked plan and the target config it was checked with."""
+def _planned(rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options) -> Plan:
+    """The plan, checked against the target (or known to pass: an identical plan passed before)."""
     result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype)
-    return result, checked(result, _uniform_dtype(result))
+    dtype = _uniform_dtype(result)
+    if result.problems or remembered.recall(remembered.key(result, dtype)) is None:
+        checked(result, dtype)
+    return result
 
 
 def source_tensors(
@@ -92,16 +94,28 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
     tensors, resolved = source_tensors(rules, options, note)
     for n in resolved.notes:
         note(n)
-    return _planned(rules, tensors, resolved, options)[0]
+    return _planned(rules, tensors, resolved, options)
 
 
-def _write_while_checking(result: Plan, write: Callable[[], None]) -> Any:
-    """Move the bytes at once (``write``) while a second thread imports transformers and checks the plan
-    against the target class; a failed check still fails the conversion (the caller removes the folder)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi-rules-check") as pool:
-        check = pool.submit(checked, result, _uniform_dtype(result))
+def _write_and_check(result: Plan, folder: Path, write: Callable[[], None]) -> None:
+    """Move the bytes at once (``write``) while a second thread imports transformers, checks the plan against
+    the target class and then writes the config files; a failed check still fails the conversion (the caller
+    removes the folder). A check that passed for an identical plan writes its files again and imports
+    nothing (see :mod:`phi_rules.plan.remembered`)."""
+    dtype = _uniform_dtype(result)
+    check = remembered.key(result, dtype)
+    files = remembered.recall(check)
+    if files is not None:
         write()
-        return check.result()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi-rules-check") as pool:
+        job = pool.submit(checked, result, dtype)
+        write()
+        config = job.result()
+    output.write_config(folder, result, config)
+    remembered.remember(check, folder)
 
 
 def check_function(rules: Rules, resolved: ResolvedSource, folder: Path, tol: float, shown: Path) -> Any:
@@ -219,10 +233,9 @@ def _convert(
             if result.problems:  # every problem at once, the target's included; nothing written
                 checked(result, _uniform_dtype(result))
             shown = progress(result)
-            config = _write_while_checking(
-                result, lambda: output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)
+            _write_and_check(
+                result, tmp, lambda: output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)
             )
-            output.write_config(tmp, result, config)
             if options.verify is not None:
                 check_function(rules, resolved, tmp, options.verify, out)
             for extra in resolved.extras:

@@ -230,3 +230,11 @@ def test_help_teaches(cli) -> None:
     assert all(f"phi-rules {c}" in out for c in ("detect", "verify", "plan", "validate", "list"))
     code, out, _ = cli("apply", "--help")
     assert code == 0 and "--max-shard-size" in out and "nothing is left at --out" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("option", ["--set", "--dtype", "--tokenizer"])
+def test_verify_offers_nothing_it_would_ignore(cli, option: str) -> None:
+    code, out, _ = cli("verify", "--help")
+    assert code == 0 and option not in out
+    code, _, err = cli("verify", "--source", "src", "out", option, "x")
+    assert code == 2 and "unrecognized arguments" in err

@@ -76,7 +76,7 @@ def test_a_file_changed_moments_ago_is_not_remembered(
     assert recorded(tmp_path / "out") == {
         "model.safetensors": hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
     }
-    assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "cache" / "sha256").exists()  # the target check is remembered; the digest is not
 
 
 @pytest.mark.parametrize("cache", ["", "a-file/cache"])
@@ -110,3 +110,50 @@ def test_a_remembered_digest_never_vouches_for_a_changed_pinned_file(
         convert(rule, source, tmp_path / "o2")
     assert not (tmp_path / "o2").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "o1", "pinned.yaml", "src"]
+
+
+# --- the target check, remembered ---------------------------------------------------------------------
+IMPORTS = """
+import sys
+from phi_rules.cli import main
+code = main(sys.argv[1:])
+print(code, "transformers" in sys.modules, "torch" in sys.modules)
+"""
+
+
+def _apply_in_child(source: Path, out: Path, cache: Path) -> list[str]:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", IMPORTS, "apply", str(PHI2), "--source", str(source), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PHI_RULES_CACHE": str(cache)},
+    )
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()
+
+
+def test_a_passed_target_check_is_remembered(source: Path, tmp_path: Path) -> None:
+    """The same shape again (another fine-tune of a model converted before): neither transformers nor torch
+    is imported, and the config files are the same bytes."""
+    cache = tmp_path / "cache"
+    assert _apply_in_child(source, tmp_path / "a", cache) == ["0", "True", "True"]
+    other = write_checkpoint(tmp_path / "finetune", random_state(CFG, torch.float16, seed=12), CFG)
+    assert _apply_in_child(other, tmp_path / "b", cache) == ["0", "False", "False"]
+    for name in ("config.json", "generation_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_a_remembered_check_is_only_used_for_the_same_plan(source: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _apply_in_child(source, tmp_path / "a", cache)
+    bigger = MsftConfig(vocab_size=96, n_layer=3)
+    other = write_checkpoint(tmp_path / "deeper", random_state(bigger, torch.float16, seed=12), bigger)
+    assert _apply_in_child(other, tmp_path / "b", cache)[1] == "True"  # another shape: checked again
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["num_hidden_layers"] == 3
+    for entry in (cache / "checked").iterdir():
+        entry.write_text("{broken")
+    assert _apply_in_child(source, tmp_path / "c", cache)[1] == "True"  # an unreadable entry: checked again

@@ -261,7 +261,7 @@ CASES = [
         "bin-not-a-pickle",
         lambda t: with_source_bin(t, b"\x00garbage" * 100),
         1,
-        "pytorch_model.bin: cannot read as a PyTorch weights file",
+        "pytorch_model.bin: not a weights file (neither safetensors nor a PyTorch .bin",
     ),
     Case("config-not-json", lambda t: config(t, "{oops"), 1, "config.json: cannot read the source config"),
     Case("config-not-object", lambda t: config(t, "[1]"), 1, "config.json: the source config is not a JSON object"),
@@ -284,7 +284,7 @@ CASES = [
         "weights-file-is-json",
         lambda t: apply(t, PHI2, good(t) / "config.json"),
         1,
-        "config.json: cannot read as a PyTorch weights file",
+        "config.json: not a weights file",
     ),
     Case(
         "set-rejected-by-config",

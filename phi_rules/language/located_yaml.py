@@ -6,6 +6,7 @@ so we compose the node graph ourselves and keep a map from JSON-pointer-like pat
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -60,10 +61,22 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
     return (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader, reading numbers as YAML 1.2 does: ``1e-5`` is a float, not the string YAML 1.1 makes
+    of it (a rule that says ``layer_norm_epsilon: 1e-5`` means the number)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_located(text: str, file: str = "<string>") -> Located:
     """Parse one YAML document safely; duplicate keys and non-string keys are syntax errors."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -72,7 +85,7 @@ def load_located(text: str, file: str = "<string>") -> Located:
         raise YamlSyntaxError(str(exc), 1, 1) from None
     located = Located(None)
     if node is not None:
-        located.data = _build(node, (), located, yaml.SafeLoader(""), file)
+        located.data = _build(node, (), located, _Loader(""), file)
     else:
         located.values[()] = (file, 1, 1)
     return located

@@ -1,7 +1,7 @@
 """sha256 of the source files, for the output's metadata and for the rule's pins.
 
 Hashing a 5.6 GB checkpoint costs as much CPU as copying it, so the files are hashed in background
-threads (one per file, up to the core count) while the bytes move, and a digest is remembered by the
+threads (one per file, up to one less than the core count) while the bytes move, and a digest is remembered by the
 file's identity: path, device, inode, size, modification and change time. The change time (ctime)
 cannot be set from user space, so a file rewritten in any way, even with its mtime restored, gets a
 new identity and is hashed again. ``PHI_RULES_CACHE`` names the folder (default
@@ -60,13 +60,13 @@ def remembered(path: Path) -> str | None:
     return digest if _HEX.fullmatch(digest) else None
 
 
-def _remember(entry: Path, digest: str) -> None:
-    """Best effort: a read-only or full cache folder only means hashing again next time."""
+def write_atomically(entry: Path, text: str) -> None:
+    """Best effort: a read-only or full cache folder only means working it out again next time."""
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
         with os.fdopen(fd, "w") as fh:
-            fh.write(digest + "\n")
+            fh.write(text)
         os.replace(tmp, entry)
     except OSError:
         return
@@ -85,7 +85,7 @@ def sha256_file(path: Path) -> str:
     entry = _entry(key)
     settled = time.time() - before.st_ctime_ns / 1e9 > FRESH_S
     if entry is not None and settled and _identity(path)[0] == key:
-        _remember(entry, digest)
+        write_atomically(entry, digest + "\n")
     return digest
 
 
@@ -129,7 +129,9 @@ class Hasher:
                 _check(path, expected, sha256_file(path))
         known = {p: _known(p) for p in files}
         todo = [p for p, f in known.items() if f is None]
-        workers = max(1, min(len(todo), os.cpu_count() or 1))
+        # One core is left to the copy (kernel time) and the rest of the run: on 2 cores a second hashing
+        # thread only takes the copy's core, as the floor (cp beside one sha256 process) shows.
+        workers = max(1, min(len(todo), (os.cpu_count() or 1) - 1))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="phi-rules-sha256")
         self._jobs = {p: f or self._pool.submit(sha256_file, p) for p, f in known.items()}
         self._pins = pins

@@ -1,0 +1,67 @@
+"""A target check remembered, so that a conversion of a shape seen before imports neither transformers nor torch.
+
+What the check proves (the config builds, the class's parameters are the plan's names and shapes) and the
+config files it writes depend only on the rule, the planned outputs and config, the output dtype, the
+transformers version and phi-rules' own checking code. Once a check has passed, the files it wrote are
+kept under that key beside the remembered digests (``PHI_RULES_CACHE``); a conversion with the same key
+writes them again byte for byte instead of importing transformers (2-3 s of a core). A plan with any
+problem never gets here: only passed checks are remembered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+from phi_rules.plan.planner import Plan
+from phi_rules.source.digest import cache_folder, write_atomically
+
+_CHECKING_CODE = ("plan/target.py", "write/output.py", "plan/remembered.py")
+FILES = ("config.json", "generation_config.json", "adapter_config.json")
+
+
+def key(plan: Plan, dtype: str | None) -> str | None:
+    """The check's identity, or None when it cannot be told (transformers not installed as a distribution)."""
+    try:
+        versions = [metadata.version(d) for d in ("transformers", "huggingface_hub")]
+    except metadata.PackageNotFoundError:
+        return None
+    package = Path(__file__).resolve().parent.parent
+    code = hashlib.sha256(b"".join((package / f).read_bytes() for f in _CHECKING_CODE)).hexdigest()
+    identity = {
+        "rule": plan.rules.sha256,
+        "backward": plan.rules.backward,
+        "config": plan.config,
+        "dtype": dtype,
+        "tensors": [(t.name, list(t.shape), t.dtype) for t in plan.tensors],
+        "adapter": plan.adapter_config,
+        "versions": versions,
+        "code": code,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _entry(check: str) -> Path | None:
+    folder = cache_folder()
+    return None if folder is None else folder / "checked" / f"{check}.json"
+
+
+def recall(check: str | None) -> dict[str, str] | None:
+    """The config files a passed check wrote, by file name; None when it is not remembered."""
+    entry = _entry(check) if check else None
+    try:
+        files = json.loads(entry.read_text()) if entry is not None else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ok = isinstance(files, dict) and files and all(k in FILES and isinstance(v, str) for k, v in files.items())
+    return files if ok else None
+
+
+def remember(check: str | None, folder: Path) -> None:
+    """Keep the config files a passed check wrote into ``folder``; best effort, like the digest cache."""
+    entry = _entry(check) if check else None
+    if entry is not None:
+        files = {name: (folder / name).read_text() for name in FILES if (folder / name).is_file()}
+        write_atomically(entry, json.dumps(files))
