@@ -137,6 +137,19 @@ def generate(shape: Shape, folder: Path) -> None:
     if shape.phi3:
         config |= {"num_hidden_layers": shape.layers, "intermediate_size": shape.hidden * 8 // 3}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_index(folder)
+
+
+def write_index(folder: Path) -> None:
+    """model.safetensors.index.json, as save_pretrained writes it beside shards (rules find shards by it)."""
+    weight_map = {}
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        with shard.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            names = [k for k in json.loads(fh.read(n)) if k != "__metadata__"]
+        weight_map |= dict.fromkeys(names, shard.name)
+    index = {"metadata": {"total_size": sum(p.stat().st_size for p in folder.glob("model-*"))}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 # Phi-3-mini-4k-instruct's config.json as the hub has it, less its sliding window (Llama has none).
@@ -237,6 +250,8 @@ def main() -> None:
         subprocess.run(
             [sys.executable, __file__, "--preset", args.preset, "--data", str(args.data), "--generate-only"], check=True
         )
+    if not (src / "model.safetensors.index.json").exists():  # data generated before the index was written
+        write_index(src)
     shards = sorted(p.name for p in src.glob("*.safetensors"))
     size = sum((src / s).stat().st_size for s in shards)
     print(f"{args.preset}: {size / 1e9:.2f} GB in {len(shards)} shards, {os.cpu_count()} cores", flush=True)

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -462,7 +463,7 @@ def _verify(args: argparse.Namespace) -> int:
         _print_diagnostics(problem.diagnostics)
         return 1
     if not args.json:
-        print(f"{shown}: computes the original function ({rules.layout} reference, {len(report.rows)} parts)")
+        print(f"{shown}: computes the original function ({rules.layout} reference, {len(layer_rows(report))} parts)")
     return 0
 
 
@@ -473,7 +474,7 @@ def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
 
     if paths:
         return [load_ref(r) for r in paths]  # every file is checked before any work starts
-    options = _options(args)
+    options = replace(_options(args), overrides={})  # the layout is the source's own: --set shapes the plan
     return [chosen(args.source, detect(args.source, options), getattr(args, "to", None))]
 
 
@@ -541,6 +542,9 @@ def _apply(args: argparse.Namespace) -> int:
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     all_rules = _rules_for(args, args.rules)
+    if not args.rules and not args.quiet:  # say what detection chose
+        r = all_rules[0]
+        _note(False)(f"{args.source}: {r.layout} layout: rule {r.name} ({r.display}) writes {r.target.architecture}")
     options = _options(args)
     for rules in all_rules:
         out = args.out if len(all_rules) == 1 else args.out / rules.name

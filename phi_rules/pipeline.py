@@ -67,10 +67,26 @@ def _uniform_dtype(plan: Plan) -> str | None:
 def _planned(rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options) -> Plan:
     """The plan, checked against the target (or known to pass: an identical plan passed before)."""
     result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype)
+    _blame_overrides(result, tensors, resolved, options)
     dtype = _uniform_dtype(result)
     if result.problems or remembered.recall(remembered.key(result, dtype)) is None:
         checked(result, dtype)
     return result
+
+
+def _blame_overrides(
+    result: Plan, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options
+) -> None:
+    """A problem that only ``--set`` causes is reported as a ``--set`` problem, in one line."""
+    if not result.problems or not options.overrides:
+        return
+    said = [p for p in result.problems if p.code == "set"]
+    if said:
+        raise PhiRulesError(said)
+    plain = make_plan(result.rules, tensors, resolved.config(), {}, options.dtype)
+    if not plain.problems:
+        given = " ".join(f"{k}={v}" for k, v in options.overrides.items())
+        raise PhiRulesError(f"--set {given}: the conversion does not fit with it: {result.problems[0]}")
 
 
 def source_tensors(
@@ -122,6 +138,11 @@ def check_function(rules: Rules, resolved: ResolvedSource, folder: Path, tol: fl
     """``verify`` on a folder; raises its one-line error when a part diverges, else returns the report."""
     from phi_rules.verify import failure, verify
 
+    if rules.target.adapter is not None:
+        raise PhiRulesError(
+            f"{shown}: --verify proves models; an adapter is proven on its base: phi-rules verify --source ADAPTER "
+            f"{shown} --base ORIGINAL_BASE CONVERTED_BASE"
+        )
     report = verify(resolved.weights, rules.layout, resolved.config(), folder, tol)
     problem = failure(shown, report)
     if problem is not None:
@@ -230,6 +251,7 @@ def _convert(
     try:
         with _terminate_as_interrupt(), Checkpoint(resolved.weights) as ckpt:
             result = make_plan(rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype)
+            _blame_overrides(result, ckpt.tensors, resolved, options)
             if result.problems:  # every problem at once, the target's included; nothing written
                 checked(result, _uniform_dtype(result))
             shown = progress(result)

@@ -146,3 +146,16 @@ def test_verify_catches_a_wrong_adapter_conversion(cli, tmp_path: Path) -> None:
     save_file(written, tmp_path / "adapter-out" / "adapter_model.safetensors", metadata={"format": "pt"})
     code, _, err = cli(*verify, *base)
     assert code == 1 and err.startswith(f"error: {tmp_path / 'adapter-out'}: layer 0 attention diverges"), err
+
+
+def test_adapter_conversion_prints_no_library_noise(tmp_path: Path) -> None:
+    """No PEFT 'renamed to None' warning (the output has the value), no FutureWarning with site-packages paths."""
+    from conftest import run_phi_rules
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=2, target_modules=["Wqkv", "fc1"], init_lora_weights=False)
+    get_peft_model(original("msft", random_state(CFG, seed=4)), lora).save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "out"
+    run = run_phi_rules("apply", "--source", tmp_path / "adapter", "--out", out, "--set", "base_model_name_or_path=b")
+    assert run.returncode == 0, run.stderr
+    assert all(line.startswith(("note:", str(out))) for line in run.stderr.splitlines()), run.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -542,3 +543,112 @@ def test_output_cut_short_by_its_reader_is_no_error(tmp_path: Path, args: list[s
     )
     assert run.stdout.strip() == "0"
     assert (tmp_path / "err.txt").read_text() == ""
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ("n_embd=abc", "--set n_embd=abc: n_embd is a number (the source has 64)"),
+        ("n_head=3", "--set n_head=3: the conversion does not fit with it: "),
+        (
+            "n_embed=128",
+            "--set n_embed: neither a source field this rule reads nor a PhiConfig field; did you mean 'n_embd'?",
+        ),
+        ("rope_theta=abc", "--set rope_theta=abc: PhiConfig's rope_theta is a number (default 10000.0)"),
+    ],
+)
+@pytest.mark.parametrize("rule", [[], [PHI2]], ids=["detected", "named"])
+def test_a_set_problem_is_reported_as_such_once(cli, tmp_path: Path, given: str, says: str, rule: list[str]) -> None:
+    code, _, err = cli("apply", *rule, "--source", good(tmp_path), "--out", tmp_path / "out", "--set", given, "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {says}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_apply_says_which_rule_it_chose(cli, tmp_path: Path) -> None:
+    src = good(tmp_path)
+    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert f"note: {src}: phi-msft layout: rule phi-2 (" in err and "writes PhiForCausalLM" in err
+
+
+@pytest.mark.parametrize("given", ["complete", "--tokenizer"])
+def test_no_tokenizer_note_when_the_output_has_one(cli, tmp_path: Path, given: str) -> None:
+    src = good(tmp_path)
+    tiny = ROOT / "rules" / "examples" / "tiny-phi-2"
+    extra: list[object] = ["--tokenizer", tiny]
+    if given == "complete":  # vocab.json + merges.txt make a tokenizer; tokenizer.json is not missed
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+            (src / name).write_bytes((tiny / name).read_bytes())
+        extra = []
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", *extra)
+    assert code == 0 and "not copied" not in err and "warning" not in err, err
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]},
+        {"dtype": "F32", "shape": [-1, 4], "data_offsets": [16, 0]},
+        {"dtype": "F32", "shape": [2.0, 2], "data_offsets": [0, 16]},
+        {"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 16]},
+    ],
+    ids=["negative", "negative-reversed", "float", "bool"],
+)
+def test_dimensions_are_whole_non_negative_numbers(tmp_path: Path, entry: dict[str, object]) -> None:
+    safetensors(tmp_path, {"transformer.embd.wte.weight": entry}, b"\0" * 16)
+    with pytest.raises(phi_rules.PhiRulesError, match="malformed safetensors entry"):
+        phi_rules.plan(phi_rules.load_rules(PHI2), phi_rules.Options(source=phi_rules.SourceOptions(tmp_path / "src")))
+
+
+def _valid_header(tmp: Path) -> tuple[dict[str, dict[str, object]], bytes]:
+    src = good(tmp)
+    raw = (src / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    which=st.integers(min_value=0, max_value=10_000),
+    field=st.sampled_from(["shape", "offset-begin", "offset-end", "dtype", "trailing", "drop"]),
+    delta=st.integers(min_value=-6, max_value=6),
+)
+def test_a_valid_header_changed_in_one_place_fails_cleanly_or_converts_readably(
+    tmp_path: Path, which: int, field: str, delta: int
+) -> None:
+    """Headers that parse this far reach planning and writing (unlike random bytes, which fail at once): the
+    result is a PhiRulesError, or an output the safetensors library itself reads whole."""
+    from safetensors import safe_open
+
+    folder = tmp_path / "case"
+    shutil.rmtree(folder, ignore_errors=True)
+    header, data = _valid_header(folder)
+    names = sorted(k for k in header if k != "__metadata__")
+    name = names[which % len(names)]
+    entry = header[name]
+    if field == "shape":
+        entry["shape"] = [entry["shape"][0] + delta, *entry["shape"][1:]]
+    elif field.startswith("offset"):
+        entry["data_offsets"][0 if field == "offset-begin" else 1] += delta
+    elif field == "dtype":
+        entry["dtype"] = ["F16", "BF16", "I64", "F32", "BOOL"][delta % 5]
+    elif field == "drop":
+        del header[name]
+    raw = json.dumps(header).encode()
+    tail = b"\0" * max(delta, 0) if field == "trailing" else b""
+    (folder / "src" / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data + tail)
+    unchecked = variant(folder, "target: {check: false}\n")
+    try:
+        phi_rules.convert(
+            phi_rules.load_rules(unchecked),
+            folder / "out",
+            phi_rules.Options(source=phi_rules.SourceOptions(folder / "src")),
+        )
+    except phi_rules.PhiRulesError:
+        assert not (folder / "out").exists()
+        return
+    for f in (folder / "out").glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open has no iteration
+                fh.get_tensor(key)

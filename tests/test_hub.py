@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -245,12 +247,78 @@ def test_connection_dropped_mid_file(hub: Hub, hf_home: Path, tmp_path: Path) ->
 
 
 def test_connection_refused(hf_home: Path, tmp_path: Path) -> None:
-    """The only test of a refused connection: the client retries for about 23 seconds first."""
+    """One look at the endpoint, not the hub client's retries for every file: an answer in seconds."""
     server = Hub().start()
     url = server.url
     server.stop()
+    start = time.monotonic()
     run = phi_rules_cli(url, hf_home, "apply", PHI2, "--out", tmp_path / "o", "--quiet")
     assert_one_line_error(run, tmp_path / "o", f"cannot reach {url}", "not in the cache", "Connection refused")
+    assert time.monotonic() - start < 10
+
+
+@contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """A hub that accepts connections and never answers: an unreachable network as a client sees it, with
+    no packet leaving this machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+HUB_SOURCES = [
+    ("apply", "--source", f"microsoft/phi-2@{COMMIT}", "--out", "{out}"),  # a pinned commit: no network at all
+    ("apply", "--source", "someone/phi-2-finetune", "--out", "{out}"),  # a branch: one look, then the cache
+    ("detect", f"microsoft/phi-2@{COMMIT}"),
+    ("detect", "someone/phi-2-finetune"),
+    ("plan", "phi-2"),
+    ("apply", "phi-2", "--out", "{out}"),
+]
+
+
+def _cache_everything(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
+    for source, args in ((f"microsoft/phi-2@{COMMIT}", ()), ("someone/phi-2-finetune", ())):
+        run = phi_rules_cli(hub, hf_home, "apply", "--source", source, "--out", tmp_path / "warm", "--quiet", *args)
+        assert run.returncode == 0, run.stderr
+        shutil.rmtree(tmp_path / "warm")
+
+
+@pytest.mark.parametrize("mode", ["unreachable", "HF_HUB_OFFLINE", "--offline"])
+def test_cached_hub_sources_work_without_the_network(hub: Hub, hf_home: Path, tmp_path: Path, mode: str) -> None:
+    """With the files cached, every hub-facing command succeeds without the network, in seconds; --offline and
+    HF_HUB_OFFLINE send nothing at all."""
+    _cache_everything(hub, hf_home, tmp_path)
+    sent = len(hub.log)
+    with silent_endpoint() as silent:
+        for i, command in enumerate(HUB_SOURCES):
+            args = [a.format(out=tmp_path / f"out{i}") for a in command]
+            endpoint, env, flags = hub.url, {}, ["--offline"] if mode == "--offline" else []
+            if mode == "unreachable":
+                endpoint = silent
+            elif mode == "HF_HUB_OFFLINE":
+                env = {"HF_HUB_OFFLINE": "1"}
+            start = time.monotonic()
+            run = phi_rules_cli(endpoint, hf_home, *args, *flags, **env)
+            assert run.returncode == 0, (args, run.stderr)
+            assert time.monotonic() - start < 10, args
+            assert "Traceback" not in run.stderr and "Retrying" not in run.stderr
+            if mode == "unreachable" and command[:3] == ("apply", "--source", "someone/phi-2-finetune"):
+                assert f"note: cannot reach {silent} (" in run.stderr and "using the hub cache only" in run.stderr
+    if mode != "unreachable":
+        assert len(hub.log) == sent  # not one request
+
+
+def test_unreachable_and_not_cached_is_one_line_in_seconds(hf_home: Path, tmp_path: Path) -> None:
+    with silent_endpoint() as silent:
+        for args in (("detect", "someone/other@abc"), ("apply", "--source", "someone/other", "--out", tmp_path / "o")):
+            start = time.monotonic()
+            run = phi_rules_cli(silent, hf_home, *args)
+            assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+            assert f"cannot reach {silent}" in run.stderr, run.stderr
+            assert time.monotonic() - start < 10
 
 
 def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path: Path) -> None:

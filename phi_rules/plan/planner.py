@@ -111,6 +111,7 @@ class Plan:
     problems: list[Diagnostic] = field(default_factory=list)
     unconsumed: list[str] = field(default_factory=list)  # source tensors no step touched
     adapter_config: dict[str, object] | None = None  # for adapter rules: the adapter_config.json to write
+    overridden: tuple[str, ...] = ()  # the target config keys that --set gave
 
     @property
     def total_bytes(self) -> int:
@@ -363,4 +364,20 @@ def make_plan(
         where = rules.where_target.error("")
         adapter_config, adapter_problems = converted(found_config, rules.target.adapter, overrides, where)
         problems += adapter_problems
-    return Plan(rules, src, config, planned, list(tensors), problems, untouched, adapter_config)
+    target_keys = tuple(k for k in overrides if k not in rules.source.config_defaults)
+    problems[:0] = override_types(rules, found_config, overrides)
+    return Plan(rules, src, config, planned, list(tensors), problems, untouched, adapter_config, target_keys)
+
+
+def override_types(
+    rules: Rules, found: Mapping[str, object] | None, overrides: Mapping[str, expr.Value]
+) -> list[Diagnostic]:
+    """A ``--set`` source field must be a number where the source's own value is one (``n_embd=abc``)."""
+    wrong = []
+    for key, value in overrides.items():
+        if key not in rules.source.config_defaults:
+            continue
+        own = found.get(key) if found and key in found else rules.source.config_defaults[key]
+        if isinstance(own, int | float) and not isinstance(own, bool) and not isinstance(value, int | float):
+            wrong.append(Diagnostic(f"--set {key}={value}: {key} is a number (the source has {own!r})", code="set"))
+    return wrong

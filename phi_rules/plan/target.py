@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,28 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
     w = plan.rules.where_target
     known = _known_fields(cls)
     unknown = sorted(set(plan.config) - known)
+    fields = known | set(plan.rules.source.config_defaults)
     if unknown:
         raise PhiRulesError(
-            _where(plan, k).error(f"{cls.__name__} has no field {k!r}{did_you_mean(k, known)}", "target")
+            Diagnostic(
+                f"--set {k}: neither a source field this rule reads nor a {cls.__name__} field"
+                + did_you_mean(k, fields),
+                code="set",
+            )
+            if k in plan.overridden
+            else _where(plan, k).error(f"{cls.__name__} has no field {k!r}{did_you_mean(k, known)}", "target")
             for k in unknown
         )
+    defaults = cls().to_dict()
+    mistyped = [
+        f"--set {k}={plan.config[k]}: {cls.__name__}'s {k} is a number (default {saved_value(defaults, k)!r})"
+        for k in plan.overridden
+        if isinstance(saved_value(defaults, k), int | float)
+        and not isinstance(saved_value(defaults, k), bool)
+        and not isinstance(plan.config[k], int | float)
+    ]
+    if mistyped:
+        raise PhiRulesError([Diagnostic(m, code="set") for m in mistyped])
     kwargs: dict[str, object] = {k: v for k, v in plan.config.items() if v is not None}  # null: the class default
     if dtype:
         kwargs.setdefault("dtype", dtype)
@@ -174,12 +192,14 @@ def expected_adapter_parameters(plan: Plan, config: Any) -> dict[str, tuple[int,
         ) from None
     cls = model_class(plan.rules.target.architecture)
     fields = peft.LoraConfig.__dataclass_fields__
+    ignored = ("peft_type", "base_model_name_or_path")  # the base's name changes no shape (PEFT warns about it)
     settings: dict[str, Any] = {
-        k: v for k, v in (plan.adapter_config or {}).items() if k in fields and k != "peft_type"
+        k: v for k, v in (plan.adapter_config or {}).items() if k in fields and k not in ignored
     }
     try:
         lora = peft.LoraConfig(**settings)
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deprecation notices, raised by PEFT's own calls
             wrapped = peft.get_peft_model(cls(config), lora)
         state = peft.get_peft_model_state_dict(wrapped)
     except Exception as exc:  # PEFT rejects settings, or finds none of the target modules

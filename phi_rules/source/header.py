@@ -5,7 +5,6 @@ Kept free of heavy imports so that sources can be resolved (and hashed) while to
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import struct
@@ -59,25 +58,45 @@ def parse_safetensors_header(raw: bytes, file: str, size: int | None = None) -> 
         raise PhiRulesError(f"{file}: not a safetensors file: header is not a JSON object")
     base = 8 + len(raw)
     tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = tuple(_whole(d) for d in entry["shape"])
+            begin, end = (_whole(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise PhiRulesError(f"{file}: malformed safetensors entry for tensor {name!r}") from None
-        if end - begin != math.prod(shape) * itemsize(dtype) or begin < 0:
+        if end - begin != math.prod(shape) * itemsize(dtype):
             raise PhiRulesError(f"{file}: tensor {name!r}: data_offsets do not match shape {list(shape)} {dtype}")
         if size is not None and base + end > size:
             raise PhiRulesError(f"{file}: tensor {name!r} lies beyond the end of the file (truncated?)")
         tensors[name] = TensorInfo(name, shape, dtype, file, (base + begin, base + end))
-    spans = sorted((t.span, t.name) for t in tensors.values() if t.span is not None and t.span[0] != t.span[1])
-    for (first, a), (second, b) in itertools.pairwise(spans):
-        if second[0] < first[1]:
-            raise PhiRulesError(f"{file}: tensors {a!r} and {b!r} overlap in the file (corrupt header)")
+        spans.append((begin, end, name))
+    _check_contiguous(spans, file, None if size is None else size - base)
     return tensors
+
+
+def _whole(value: object) -> int:
+    """A dimension or offset: a whole, non-negative number, as the safetensors library requires (no 2.5, no
+    true, no -1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(value)
+    return value
+
+
+def _check_contiguous(spans: list[tuple[int, int, str]], file: str, data: int | None) -> None:
+    """The tensors (relative ``begin, end, name``) fill the data section one after another, from its start to
+    its end (``data`` bytes, when known): no gap, no overlap, nothing after; as the safetensors library checks."""
+    at, last = 0, "the header"
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            how = "overlap" if begin < at else "leave a gap between them"
+            raise PhiRulesError(f"{file}: tensors {last!r} and {name!r} {how} in the file (corrupt header)")
+        at, last = end, name
+    if data is not None and at != data:
+        raise PhiRulesError(f"{file}: the data section holds {data} bytes but its tensors end at {at} (corrupt header)")
 
 
 def read_safetensors(path: Path) -> dict[str, TensorInfo]:

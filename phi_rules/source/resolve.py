@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class ResolvedSource:
     pins: dict[Path, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     files: tuple[FileSpec, ...] = ()  # for hub sources: the weight files as named in the repository
+    absent: tuple[str, ...] = ()  # extra files the source lacks (said in a note by ``resolve``)
+    where: str = ""  # where they were looked for
 
     def has_tokenizer(self) -> bool:
         """Whether the extra files make a tokenizer that transformers (and so vLLM, llama.cpp) can load."""
@@ -113,7 +116,8 @@ def resolve_local(rules: Rules, path: Path) -> ResolvedSource:
     if missing:
         raise PhiRulesError(f"{path}: weight file(s) listed but missing: {', '.join(missing)}")
     config = folder / rules.source.config_file
-    extras, notes = _local_extras(folder, [f.name for f in rules.source.extra_files])
+    extras, absent = _local_extras(folder, [f.name for f in rules.source.extra_files])
+    notes: list[str] = []
     pins = {
         folder / f.name: f.sha256
         for f in (*rules.source.files, *rules.source.extra_files)
@@ -121,16 +125,16 @@ def resolve_local(rules: Rules, path: Path) -> ResolvedSource:
     }
     if not config.is_file():
         notes.append(f"{config} not found: using the rule's config_defaults")
+    config_path = config if config.is_file() else None
     return ResolvedSource(
-        str(path), None, tuple(weights), config if config.is_file() else None, tuple(extras), pins, tuple(notes)
+        str(path), None, tuple(weights), config_path, tuple(extras), pins, tuple(notes), (), tuple(absent), str(folder)
     )
 
 
 def _local_extras(folder: Path, names: Iterable[str]) -> tuple[list[Path], list[str]]:
-    """The named files that the folder has, and a note for each one it lacks."""
+    """The named files that the folder has, and the names it lacks."""
     found = [folder / n for n in names if (folder / n).is_file()]
-    absent = [n for n in names if not (folder / n).is_file()]
-    return found, [f"not in {folder}, not copied: {', '.join(absent)}"] if absent else []
+    return found, [n for n in names if not (folder / n).is_file()]
 
 
 # --- the hub ---------------------------------------------------------------------------------------
@@ -169,7 +173,7 @@ def hub_errors(repo: str, revision: str, filename: str, opts: SourceOptions) -> 
                 f"{where}: {filename} is not in the cache at {cache} and downloads are off "
                 "(offline): run once online, or use --source"
             ) from None
-        cause = _root_cause(exc)
+        cause = _unreachable(constants.ENDPOINT) or _root_cause(exc)
         raise PhiRulesError(
             f"{where}: cannot reach {constants.ENDPOINT} to fetch {filename} and it is not in "
             f"the cache at {cache}: {cause}"
@@ -195,9 +199,58 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_PROBE_S = 5.0  # how long one look at the endpoint may take before the run goes on from the cache alone
+
+
+def _cached(repo: str, opts: SourceOptions, revision: str, name: str) -> Path | bool | None:
+    """A file the hub cache holds at ``revision`` (no network): its path, False when the cache knows the file
+    does not exist there, None when the cache cannot tell."""
+    from huggingface_hub import file_download, try_to_load_from_cache
+
+    got = try_to_load_from_cache(repo, name, cache_dir=opts.cache_dir, revision=revision)
+    if got is file_download._CACHED_NO_EXIST:
+        return False
+    return Path(got) if isinstance(got, str) else None
+
+
+@cache
+def _unreachable(endpoint: str) -> str | None:
+    """Why the endpoint cannot be reached (one look, no retries), or None when it answers at all."""
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=_PROBE_S, follow_redirects=False)
+    except Exception as exc:  # a transport error of any kind: no answer in time, refused, no route, no DNS
+        return _root_cause(exc)
+    return None
+
+
+def local_only(opts: SourceOptions) -> bool:
+    """Whether the hub cache alone is used: --offline, HF_HUB_OFFLINE, or an endpoint that does not answer
+    (one look, in seconds, instead of the hub client's retries for every file: minutes)."""
+    from huggingface_hub import constants
+
+    return opts.offline or constants.HF_HUB_OFFLINE or _unreachable(constants.ENDPOINT) is not None
+
+
+def offline_note(opts: SourceOptions) -> list[str]:
+    """The note that says the cache alone is used because the endpoint does not answer, if so."""
+    from huggingface_hub import constants
+
+    if opts.offline or constants.HF_HUB_OFFLINE:
+        return []
+    why = _unreachable(constants.ENDPOINT)
+    return [f"cannot reach {constants.ENDPOINT} ({why}): using the hub cache only"] if why else []
+
+
 def _download(repo: str, opts: SourceOptions, revision: str, spec: FileSpec, *, required: bool) -> Path | None:
     from huggingface_hub import errors, hf_hub_download
 
+    if _COMMIT.fullmatch(revision):  # a commit's files never change: a cached one needs no network at all
+        cached = _cached(repo, opts, revision, spec.name)
+        if isinstance(cached, Path) or (cached is False and not required):
+            return cached or None
     with hub_errors(repo, revision, spec.name, opts):
         try:
             return Path(
@@ -207,13 +260,19 @@ def _download(repo: str, opts: SourceOptions, revision: str, spec: FileSpec, *, 
                     revision=revision,
                     cache_dir=opts.cache_dir,
                     token=opts.token,
-                    local_files_only=opts.offline,
+                    local_files_only=local_only(opts),
                 )
             )
         except errors.EntryNotFoundError:
             if required:
                 raise
             return None
+
+
+def _required(repo: str, opts: SourceOptions, revision: str, spec: FileSpec) -> Path:
+    path = _download(repo, opts, revision, spec, required=True)
+    assert path is not None  # a required file that cannot be had raises instead
+    return path
 
 
 def _commit_of(path: Path, filename: str) -> str:
@@ -256,9 +315,12 @@ def _hub(rules: Rules, opts: SourceOptions) -> _Hub:
 
 
 def _exists(hub: _Hub, name: str, opts: SourceOptions) -> bool:
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
 
-    if opts.offline or constants.HF_HUB_OFFLINE:
+    cached = _cached(hub.repo, opts, hub.revision, name)
+    if isinstance(cached, bool) or (cached is not None and _COMMIT.fullmatch(hub.revision)):
+        return bool(cached)
+    if local_only(opts):
         return _download(hub.repo, opts, hub.revision, FileSpec(name), required=False) is not None
     with hub_errors(hub.repo, hub.revision, name, opts):
         return HfApi(token=opts.token).file_exists(hub.repo, name, revision=hub.revision)
@@ -284,14 +346,15 @@ def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> R
     hub = _hub(rules, opts)
     files = _weight_files(hub, opts)
     src = rules.source
-    paths = [_download(hub.repo, opts, hub.revision, f, required=True) for f in files] if weights else []
+    paths = [_required(hub.repo, opts, hub.revision, f) for f in files] if weights else []
     config = _download(hub.repo, opts, hub.revision, FileSpec(src.config_file), required=False)
     extras = [(f, _download(hub.repo, opts, hub.revision, f, required=False)) for f in src.extra_files]
     where = f"{hub.repo}@{hub.revision}"
     absent = [f.name for f, p in extras if p is None]
-    notes = [f"not in {where}, not copied: {', '.join(absent)}"] if absent else []
+    notes = []
     if config is None:
         notes.append(f"{src.config_file}: not in {where}: using the rule's config_defaults")
+    notes[:0] = offline_note(opts)
     first = next((p for p in [*paths, config, *(p for _, p in extras)] if p is not None), None)
     commit = _commit_of(first, first.name) if first is not None else hub.revision
     if commit != hub.revision:
@@ -306,6 +369,8 @@ def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> R
         pins,
         tuple(notes),
         files,
+        tuple(absent),
+        where,
     )
 
 
@@ -317,18 +382,26 @@ def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
         resolved = resolve_local(rules, rules.source.path)
     else:
         resolved = resolve_hub(rules, opts)
-    if opts.tokenizer is None:
-        return resolved
-    files, notes = resolve_tokenizer(opts.tokenizer, opts)
-    kept = tuple(p for p in resolved.extras if p.name not in TOKENIZER_FILES)
-    return replace(resolved, extras=kept + files, notes=resolved.notes + notes)
+    if opts.tokenizer is not None:
+        files, notes = resolve_tokenizer(opts.tokenizer, opts)
+        kept = tuple(p for p in resolved.extras if p.name not in TOKENIZER_FILES)
+        resolved = replace(resolved, extras=kept + files, notes=resolved.notes + notes)
+    return _noting_absent(resolved, opts)
+
+
+def _noting_absent(resolved: ResolvedSource, opts: SourceOptions) -> ResolvedSource:
+    """The note on extra files the source lacks; a tokenizer file only while the output would have no tokenizer."""
+    complete = opts.tokenizer is not None or resolved.has_tokenizer()
+    missing = [n for n in resolved.absent if not (complete and n in TOKENIZER_FILES)]
+    said = (f"not in {resolved.where}, not copied: {', '.join(missing)}",) if missing else ()
+    return replace(resolved, notes=said + resolved.notes)
 
 
 def resolve_tokenizer(spec: str, opts: SourceOptions) -> tuple[tuple[Path, ...], tuple[str, ...]]:
     """Tokenizer files from a local folder, or from a hub repository (``owner/name@revision``)."""
     folder = Path(spec)
     if folder.is_dir():
-        found, _ = _local_extras(folder, TOKENIZER_FILES)
+        found = _local_extras(folder, TOKENIZER_FILES)[0]
         if not found:
             raise PhiRulesError(f"--tokenizer {spec}: the folder has none of {', '.join(TOKENIZER_FILES)}")
         return tuple(found), (f"tokenizer files from {folder}: {', '.join(p.name for p in found)}",)
@@ -349,16 +422,24 @@ def remote_tensors(
     """Tensor metadata of hub safetensors files from their headers alone (HTTP range requests)."""
     from huggingface_hub import HfApi
 
-    resolved = resolve_hub(rules, opts, weights=False)
+    resolved = _noting_absent(resolve_hub(rules, opts, weights=False), opts)
     hub = _hub(rules, opts)
     revision = str(resolved.revision)
     api = HfApi(token=opts.token)
     tensors: dict[str, TensorInfo] = {}
     local: list[Path] = []
+    offline = local_only(opts)
+    for n in offline_note(opts):
+        note(n)
     for spec in resolved.files:
-        if not spec.name.endswith(".safetensors"):
-            note(f"{spec.name}: a pickle has no header to read remotely: downloading it in full")
-            local.append(_download(hub.repo, opts, revision, spec, required=True))  # type: ignore[arg-type]
+        cached = _cached(hub.repo, opts, revision, spec.name)
+        if isinstance(cached, Path):  # a header already on disk is read there, never over the network
+            local.append(cached)
+            continue
+        if not spec.name.endswith(".safetensors") or offline:
+            if not offline:
+                note(f"{spec.name}: a pickle has no header to read remotely: downloading it in full")
+            local.append(_required(hub.repo, opts, revision, spec))
             continue
         with hub_errors(hub.repo, revision, spec.name, opts):
             meta = api.parse_safetensors_file_metadata(hub.repo, spec.name, revision=revision)
