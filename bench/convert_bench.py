@@ -148,7 +148,8 @@ def write_index(folder: Path) -> None:
             n = int.from_bytes(fh.read(8), "little")
             names = [k for k in json.loads(fh.read(n)) if k != "__metadata__"]
         weight_map |= dict.fromkeys(names, shard.name)
-    index = {"metadata": {"total_size": sum(p.stat().st_size for p in folder.glob("model-*"))}, "weight_map": weight_map}
+    total = sum(p.stat().st_size for p in folder.glob("model-*"))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
