@@ -327,7 +327,8 @@ def main() -> None:
         print(f"{what:<42} {ratio:.2f}x  {spread(walls, name, base)}  (peak RSS {rss[name]:.0f} MB)")
     print(
         f"apply --fsync / (cp && sync): {durable / cp_sync:.2f}x\n"
-        f"plan: {plan_wall:.2f} s = import modeling_phi {imp_wall:.2f} s + {plan_wall - imp_wall:.2f} s   "
+        f"plan: {plan_wall:.2f} s = import {modeling.rsplit('.', 1)[1]} {imp_wall:.2f} s"
+        f" + {plan_wall - imp_wall:.2f} s   "
         f"detect / import torch: {detect_wall / torch_wall:.2f}x ({detect_wall:.2f} s, {detect_rss:.0f} MB)   "
         f"validate rules/: {validate_wall:.2f} s\n"
         f"verify: {verify_wall:.2f} s, peak RSS {verify_rss:.0f} MB   "

@@ -27,7 +27,8 @@ class Fit:
 
     rules: Rules
     reason: str
-    refused: bool = False  # the names fit, but a refusal of the rule holds
+    refusal: str = ""  # a refusal of the rule that holds for this source
+    names_fit: bool = True  # every source tensor is consumed
 
     @property
     def fits(self) -> bool:
@@ -41,7 +42,7 @@ class Fit:
             "fits": self.fits,
             "converted": self.rules.converted,
             "target": self.rules.target.names[0],
-            "refused": self.refused,
+            "refused": bool(self.refusal),
             "reason": self.reason or None,
         }
 
@@ -59,12 +60,14 @@ def candidates(extra: Sequence[Path] = ()) -> list[Rules]:
     return shipped + [load_rules(f) for f in extra]
 
 
-def _verdict(plan: Plan) -> tuple[str, bool]:
-    """Why a rule does not fit, and whether that is a refusal: one counts only where the names fit."""
+def _verdict(rules: Rules, plan: Plan) -> Fit:
+    """Why a rule does not fit (its names first: a refusal of a rule for another layout says little), and the
+    refusal that holds, if any."""
+    refusal = next((p.message for p in plan.problems if p.code == "refused"), "")
     if plan.unconsumed:
-        return f"{len(plan.unconsumed)} source tensor(s) no step consumes, first: {plan.unconsumed[0]}", False
-    others = [p for p in plan.problems if p.code != "refused"]
-    return (others or plan.problems)[0].message, not others
+        unconsumed = f"{len(plan.unconsumed)} source tensor(s) no step consumes, first: {plan.unconsumed[0]}"
+        return Fit(rules, unconsumed, refusal, names_fit=False)
+    return Fit(rules, plan.problems[0].message, refusal)
 
 
 def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list[Fit]:
@@ -83,7 +86,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
         except PhiRulesError as exc:
             fits.append(Fit(rules, exc.diagnostics[0].message))
             continue
-        fits.append(Fit(rules, *_verdict(plan)) if plan.problems else Fit(rules, ""))
+        fits.append(_verdict(rules, plan) if plan.problems else Fit(rules, ""))
     if not read:  # the source itself could not be read: that one line says why
         reason = fits[0].reason if fits else "none given"
         raise PhiRulesError(reason if reason.startswith(str(source)) else f"{source}: cannot be read: {reason}")
@@ -97,9 +100,9 @@ def _for_target(source: object, fits: list[Fit], to: str) -> list[Fit]:
         targets = sorted({n for f in fits for n in f.rules.target.names})
         hint = did_you_mean(to, targets)
         raise PhiRulesError(f"--to {to}: no rule writes that{hint} (targets: {', '.join(targets)})")
-    refused = [f for f in named if f.refused]
+    refused = sorted((f for f in named if f.refusal), key=lambda f: not f.names_fit)  # the rule for this layout
     if not any(f.fits for f in named) and refused:
-        raise PhiRulesError(f"{source}: --to {to} {refused[0].reason} (rule {refused[0].rules.name})")
+        raise PhiRulesError(f"{source}: --to {to} {refused[0].refusal} (rule {refused[0].rules.name})")
     return named
 
 

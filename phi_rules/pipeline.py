@@ -126,10 +126,13 @@ def _write_and_check(result: Plan, folder: Path, write: Callable[[], None]) -> N
         for name, text in files.items():
             (folder / name).write_text(text)
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi-rules-check") as pool:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi-rules-check")
+    try:
         job = pool.submit(checked, result, dtype)
         write()
         config = job.result()
+    finally:  # on Ctrl-C or an error, no waiting for the import to finish: the CLI exits without joining it
+        pool.shutdown(wait=False, cancel_futures=True)
     output.write_config(folder, result, config)
     remembered.remember(check, folder)
 

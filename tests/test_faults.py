@@ -241,7 +241,7 @@ CASES = [
         "negative-offsets",
         lambda t: apply(t, PHI2, safetensors(t, {"w": entry(offsets=[-8, 0])}, b"\0" * 8)),
         1,
-        "data_offsets do not match",
+        "malformed safetensors entry for tensor 'w'",
     ),
     Case(
         "unknown-dtype",

@@ -270,9 +270,9 @@ def silent_endpoint() -> Iterator[str]:
 
 
 HUB_SOURCES = [
-    ("apply", "--source", f"microsoft/phi-2@{COMMIT}", "--out", "{out}"),  # a pinned commit: no network at all
+    ("apply", "--source", f"someone/phi-2-finetune@{FINETUNE}", "--out", "{out}"),  # a commit: no network at all
     ("apply", "--source", "someone/phi-2-finetune", "--out", "{out}"),  # a branch: one look, then the cache
-    ("detect", f"microsoft/phi-2@{COMMIT}"),
+    ("detect", f"someone/phi-2-finetune@{FINETUNE}"),
     ("detect", "someone/phi-2-finetune"),
     ("plan", "phi-2"),
     ("apply", "phi-2", "--out", "{out}"),
@@ -280,8 +280,8 @@ HUB_SOURCES = [
 
 
 def _cache_everything(hub: Hub, hf_home: Path, tmp_path: Path) -> None:
-    for source, args in ((f"microsoft/phi-2@{COMMIT}", ()), ("someone/phi-2-finetune", ())):
-        run = phi_rules_cli(hub, hf_home, "apply", "--source", source, "--out", tmp_path / "warm", "--quiet", *args)
+    for args in (("--source", "someone/phi-2-finetune"), ("phi-2",)):
+        run = phi_rules_cli(hub, hf_home, "apply", *args, "--out", tmp_path / "warm", "--quiet")
         assert run.returncode == 0, run.stderr
         shutil.rmtree(tmp_path / "warm")
 

@@ -407,3 +407,22 @@ def test_llama_cpp_converts_a_llamafied_phi4(cli: Cli, tmp_path: Path) -> None:
     for name, tensor in ours.items():
         if "q_proj" not in name and "k_proj" not in name:  # llama.cpp permutes q and k rows for its rotary
             assert torch.equal(theirs[gguf_name(name)].reshape(tensor.shape), tensor), name
+
+
+def test_a_llama_with_biases_is_refused_for_phi3(cli, tmp_path: Path) -> None:
+    """Phi3 has no place for attention biases: one line, nothing written (not a plan that fails on names)."""
+    torch.manual_seed(4)
+    config = configuration_llama.LlamaConfig(**BASE, num_key_value_heads=2, attention_bias=True)
+    src = save(modeling_llama.LlamaForCausalLM(config), tmp_path / "src")
+    code, _, err = cli("apply", "--source", src, "--to", "phi3", "--out", tmp_path / "out")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "refused: the source has attention or MLP biases, which Phi3 has no place for; keep it a Llama" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_float16_source_converts_exactly(cli: Cli, tmp_path: Path) -> None:
+    src = save(phi3_model(FAMILY["phi-3-medium"]), tmp_path / "src", torch.float16)
+    converts(cli, src, tmp_path / "out", "llama")
+    stored = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert_same_function(load_strictly(src, "phi3"), load_strictly(tmp_path / "out", "llama"))

@@ -140,3 +140,27 @@ def test_apply_verify_publishes_nothing_that_fails(cli, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--verify", "--quiet")
     assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "source_dtype"), [(["--dtype", "bfloat16"], torch.float16), (["--format", "bin"], torch.float32)]
+)
+def test_apply_verify_proves_a_correct_bfloat16_or_bin_output(
+    cli, tmp_path: Path, extra: list[str], source_dtype: torch.dtype
+) -> None:
+    """A float16 source written as bfloat16 differs by rounding only; a .bin output is read like safetensors."""
+    src = write_checkpoint(tmp_path / "src", random_state(CFG, source_dtype, seed=5), CFG)
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--verify", "--quiet", *extra)
+    assert code == 0, err
+
+
+def test_a_wrong_bfloat16_output_still_diverges(cli, tmp_path: Path) -> None:
+    src = write_checkpoint(tmp_path / "src", random_state(CFG, torch.float16, seed=5), CFG)
+    out = tmp_path / "out"
+    assert cli("apply", PHI2, "--source", src, "--out", out, "--dtype", "bfloat16", "--quiet")[0] == 0
+    state = load_file(out / "model.safetensors")
+    k, v = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+    state[k], state[v] = state[v], state[k]
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = cli("verify", "--source", src, out)
+    assert code == 1 and "layer 0 attention diverges" in err, err

@@ -23,7 +23,10 @@ FILES = ("config.json", "generation_config.json", "adapter_config.json")
 
 
 def key(plan: Plan, dtype: str | None) -> str | None:
-    """The check's identity, or None when it cannot be told (transformers not installed as a distribution)."""
+    """The check's identity, or None when it is not remembered: for adapters (small; their check needs PEFT)
+    and where transformers is not installed as a distribution."""
+    if plan.adapter_config is not None:
+        return None
     try:
         versions = [metadata.version(d) for d in ("transformers", "huggingface_hub")]
     except metadata.PackageNotFoundError:
@@ -36,7 +39,6 @@ def key(plan: Plan, dtype: str | None) -> str | None:
         "config": plan.config,
         "dtype": dtype,
         "tensors": [(t.name, list(t.shape), t.dtype) for t in plan.tensors],
-        "adapter": plan.adapter_config,
         "versions": versions,
         "code": code,
     }

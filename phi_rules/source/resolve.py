@@ -338,6 +338,12 @@ def _weight_files(hub: _Hub, opts: SourceOptions) -> tuple[FileSpec, ...]:
         index = _download(hub.repo, opts, hub.revision, FileSpec(name), required=False)
         if index is not None:
             return tuple(FileSpec(f) for f in _index_files(index))
+    if local_only(opts):
+        from huggingface_hub import constants
+
+        why = (offline_note(opts) or ["downloads are off (offline)"])[0].replace(": using the hub cache only", "")
+        cache = opts.cache_dir or constants.HF_HUB_CACHE
+        raise PhiRulesError(f"{hub.repo}@{hub.revision}: no weights in the hub cache at {cache}, and {why}")
     raise PhiRulesError(f"{hub.repo}@{hub.revision}: no weights found: looked for {', '.join(WEIGHT_NAMES)}")
 
 

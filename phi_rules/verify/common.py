@@ -61,6 +61,31 @@ def weight_of(ckpt: Checkpoint, name: str, adapter: Adapter | None, missing: str
     return adapter.apply(name, tensor) if adapter else tensor
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The model weights a folder holds: its safetensors shards, else the one ``pytorch_model.bin``."""
+    files = sorted(folder.glob("*.safetensors")) or [f for f in [folder / "pytorch_model.bin"] if f.is_file()]
+    if not files:
+        raise PhiRulesError(f"{folder}: no model weights (*.safetensors or pytorch_model.bin) to verify")
+    return files
+
+
+# Relative rounding of each floating dtype (half its epsilon): weights rounded to a narrower dtype than the
+# source's move every part by a few of these, which is not a divergence.
+ROUNDING = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def tolerance(tol: float, source: Checkpoint, out: Checkpoint) -> float:
+    """``tol``, or a few roundings of the output's dtype where it is narrower than the source's (a ``--dtype
+    bfloat16`` output of a float16 source): what rounding every weight can move a part by, and still 100x
+    smaller than any real mistake (k and v swapped, a lost rotary setting) moves it."""
+
+    def widest(ckpt: Checkpoint) -> float:
+        return min((ROUNDING[t.dtype] for t in ckpt.tensors.values() if t.dtype in ROUNDING), default=0.0)
+
+    narrower = widest(out) > widest(source)
+    return max(tol, 16 * widest(out)) if narrower else tol
+
+
 class Converted:
     """The output folder through transformers' own modules, one block materialised at a time."""
 
@@ -82,9 +107,7 @@ class Converted:
             self.model: Any = cls(config)
         self.model.eval()
         self.rotary = type(self.model.model.rotary_emb)(config=config)  # real buffers, not meta
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise PhiRulesError(f"{folder}: no safetensors files to verify")
+        files = weight_files(folder)
         # Read with pread, one tensor at a time, like the source: a memory map would keep every page it
         # touched in the resident set, the whole model by the end.
         self.files = stack.enter_context(Checkpoint(files))

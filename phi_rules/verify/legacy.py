@@ -27,7 +27,7 @@ from phi_rules.source.checkpoint import Checkpoint
 if TYPE_CHECKING:
     import torch
 
-from phi_rules.verify.common import TOKENS, Adapter, Converted, Report, Row, delta, weight_of
+from phi_rules.verify.common import TOKENS, Adapter, Converted, Report, Row, delta, tolerance, weight_of
 
 
 @dataclass(frozen=True)
@@ -246,6 +246,7 @@ def verify_legacy(
         original, converted = (Adapter(a, stack) for a in adapters) if adapters else (None, None)
         ref = Reference(ckpt, layout_name, s, original)
         conv = Converted(out, stack, converted)
+        tol = tolerance(tol, ckpt, conv.files)
         model = conv.model.model
         vocab = min(model.embed_tokens.num_embeddings, ckpt.tensors[layout.embed].shape[0])
         ids = torch.tensor([(7919 * i + 13) % vocab for i in range(TOKENS)])

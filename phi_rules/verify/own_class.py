@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi_rules.errors import PhiRulesError
-from phi_rules.verify.common import TOKENS, Converted, Report, Row, delta
+from phi_rules.verify.common import TOKENS, Converted, Report, Row, delta, tolerance
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +62,7 @@ def verify_own_class(source: Path, out: Path, tol: float) -> Report:
 
     with torch.no_grad(), ExitStack() as stack:
         src, conv = Converted(source, stack), Converted(out, stack)
+        tol = tolerance(tol, src.files, conv.files)
         arch = json.loads((source / "config.json").read_text()).get("architectures", ["?"])[0]
         a, b = src.model.model, conv.model.model
         vocab = min(a.embed_tokens.num_embeddings, b.embed_tokens.num_embeddings)
