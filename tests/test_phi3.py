@@ -426,3 +426,27 @@ def test_a_float16_source_converts_exactly(cli: Cli, tmp_path: Path) -> None:
     stored = load_file(tmp_path / "out" / "model.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.float16}
     assert_same_function(load_strictly(src, "phi3"), load_strictly(tmp_path / "out", "llama"))
+
+
+def test_a_llama_with_a_rope_phi3_does_not_compute_is_refused(cli, tmp_path: Path) -> None:
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    }
+    config = configuration_llama.LlamaConfig(**BASE, rope_parameters={**rope, "original_max_position_embeddings": 16})
+    src = save(modeling_llama.LlamaForCausalLM(config), tmp_path / "src")
+    code, _, err = cli("apply", "--source", src, "--to", "phi3", "--out", tmp_path / "out")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "Phi3 computes only those two" in err and "keep it a Llama" in err
+
+
+def test_a_phi3_config_with_another_rope_type_is_refused(cli, tmp_path: Path) -> None:
+    src = save(phi3_model(FAMILY["phi-4"]), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    (src / "config.json").write_text(json.dumps(config))
+    code, _, err = cli("plan", "--source", src, "--to", "llama")
+    assert code == 1 and "the two that Phi3 computes" in err, err
