@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -162,21 +163,27 @@ def _refuse_converted(rules: Rules, options: Options) -> None:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C so the temporary folder is removed."""
+def _interruptible() -> Iterator[threading.Event]:
+    """SIGTERM unwinds like Ctrl-C, so the temporary folder is removed; and either signal is remembered.
+
+    CPython swallows a KeyboardInterrupt that lands while a finalizer or callback runs ("Exception ignored
+    in …"); the conversion would then go on and publish. The event it sets is checked before publishing."""
+    seen = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        seen.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
-        yield
+        yield seen
         return
     try:
-        yield
+        yield seen
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _flush_to_disk(folder: Path) -> None:
@@ -252,7 +259,7 @@ def _convert(
     hasher = Hasher(hashed, resolved.pins)  # hashes in the background from here on, pins checked at the end
     tmp = destination.temporary(out)
     try:
-        with _terminate_as_interrupt(), Checkpoint(resolved.weights) as ckpt:
+        with _interruptible() as interrupted, Checkpoint(resolved.weights) as ckpt:
             result = make_plan(rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype)
             _blame_overrides(result, ckpt.tensors, resolved, options)
             if result.problems:  # every problem at once, the target's included; nothing written
@@ -267,6 +274,8 @@ def _convert(
                 shutil.copyfile(extra, tmp / extra.name)
             if options.fsync:
                 _flush_to_disk(tmp)
+            if interrupted.is_set():  # an interrupt whose exception something swallowed: still nothing published
+                raise KeyboardInterrupt("interrupted")
             destination.commit(tmp, out)
     except BaseException as exc:
         corrupt = hasher.mismatch() if isinstance(exc, PhiRulesError) else None

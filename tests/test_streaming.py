@@ -283,3 +283,32 @@ def test_copies_without_copy_file_range_are_exact(monkeypatch: pytest.MonkeyPatc
     assert (tmp_path / "kernel" / "model.safetensors").read_bytes() == (
         tmp_path / "portable" / "model.safetensors"
     ).read_bytes()
+
+
+def test_an_interrupt_whose_exception_is_swallowed_still_publishes_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """CPython drops a KeyboardInterrupt that lands in a finalizer ("Exception ignored in …"): the conversion
+    must still not publish. Deterministic: the signal is sent from inside the run, and swallowed there."""
+    from phi_rules.write import output
+
+    src = write_checkpoint(tmp_path / "src", random_state(BIG_ENOUGH, torch.float16, seed=6), BIG_ENOUGH)
+    real = output.write_config
+
+    def swallowing(*args: object, **kwargs: object) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here, and raises
+        except KeyboardInterrupt:
+            pass  # as a finalizer's caller would
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(output, "write_config", swallowing)
+    monkeypatch.setenv("PHI_RULES_CACHE", "")  # no remembered check: write_config runs
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=src))
+    with pytest.raises(KeyboardInterrupt):
+        phi_rules.convert(phi_rules.load_rules(PHI2), tmp_path / "out", options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+BIG_ENOUGH = MsftConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
