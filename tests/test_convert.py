@@ -209,3 +209,21 @@ def test_concat_joins_patterns_on_named_groups(tmp_path: Path) -> None:
         assert torch.equal(got[f"blk.{i * 10}.qkv"], torch.cat([state[f"blk.{i}.{p}"] for p in "qkv"]))
         want = torch.cat([state[f"t.{i}.a"], state[f"t.{i}.b"]], dim=0).to(torch.bfloat16)
         assert torch.equal(got[f"t.{i}.ab"], want)
+
+
+@pytest.mark.parametrize("layout", ["phi-msft", "mixformer-sequential"])
+def test_tied_embeddings_convert(cli, tmp_path: Path, layout: str) -> None:
+    """tie_word_embeddings: the legacy checkpoints store the head beside the embedding it is tied to; detect
+    and apply agree that it fits, and the output computes the original function."""
+    cfg = MsftConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    state = random_state(cfg, seed=9)
+    state["lm_head.linear.weight"] = state["transformer.embd.wte.weight"].clone()
+    stored = to_mixformer(state, cfg.n_layer) if layout == "mixformer-sequential" else state
+    src = write_checkpoint(tmp_path / "src", stored, cfg)
+    (src / "config.json").write_text(json.dumps({**cfg.to_json(), "tie_word_embeddings": True}))
+    code, out, err = cli("detect", src)
+    assert code == 0 and f"{layout} layout" in out, out + err
+    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert_same_function(tmp_path / "out", state, cfg)

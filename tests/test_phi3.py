@@ -450,3 +450,20 @@ def test_a_phi3_config_with_another_rope_type_is_refused(cli, tmp_path: Path) ->
     (src / "config.json").write_text(json.dumps(config))
     code, _, err = cli("plan", "--source", src, "--to", "llama")
     assert code == 1 and "the two that Phi3 computes" in err, err
+
+
+@pytest.mark.parametrize("head_stored", [False, True])
+def test_tied_embeddings_with_or_without_the_stored_head(cli: Cli, tmp_path: Path, head_stored: bool) -> None:
+    """transformers omits a tied head when it saves; other tools store it: both convert, both ways."""
+    from safetensors.torch import save_file
+
+    model = phi3_model({**FAMILY["phi-3-medium"], "tie_word_embeddings": True})
+    src = save(model, tmp_path / "src")
+    if head_stored:
+        state = load_file(src / "model.safetensors")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    converts(cli, src, tmp_path / "llama", "llama")
+    assert_same_function(model, load_strictly(tmp_path / "llama", "llama"))
+    converts(cli, tmp_path / "llama", tmp_path / "back", "phi3")
+    assert_same_function(model, load_strictly(tmp_path / "back", "phi3"))

@@ -164,8 +164,9 @@ def check_saved_config(plan: Plan, saved: Mapping[str, Any]) -> None:
         raise PhiRulesError(wrong)
 
 
-def expected_parameters(plan: Plan, config: Any) -> dict[str, tuple[int, ...]]:
-    """Names and shapes the architecture loads, without the tied copies it does not read from files."""
+def expected_parameters(plan: Plan, config: Any) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Names and shapes the architecture loads, and the tied copies among them: those may be in the files
+    (a legacy checkpoint stores its head beside the embedding it is tied to) or not (transformers omits them)."""
     cls = model_class(plan.rules.target.architecture)
     try:
         with torch.device("meta"):
@@ -175,11 +176,11 @@ def expected_parameters(plan: Plan, config: Any) -> dict[str, tuple[int, ...]]:
         problem = plan.rules.where_target.error(f"{cls.__name__} cannot be built from the config: {reason}")
         raise PhiRulesError([problem]) from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied: set[str] = set()
     if getattr(config, "tie_word_embeddings", False):
-        tied = getattr(model, "_tied_weights_keys", None) or {}
-        for key in tied if isinstance(tied, dict | list) else []:
-            shapes.pop(key, None)
-    return shapes
+        keys = getattr(model, "_tied_weights_keys", None) or {}
+        tied = {k for k in (keys if isinstance(keys, dict | list) else []) if k in shapes}
+    return shapes, tied
 
 
 def expected_adapter_parameters(plan: Plan, config: Any) -> dict[str, tuple[int, ...]]:
@@ -229,13 +230,16 @@ def already_converted(plan: Plan, expected: Mapping[str, tuple[int, ...]]) -> Di
     )
 
 
-def check_against_target(plan: Plan, expected: Mapping[str, tuple[int, ...]]) -> list[Diagnostic]:
-    """Missing, unexpected and wrongly shaped parameters of the plan against the real model."""
+def check_against_target(
+    plan: Plan, expected: Mapping[str, tuple[int, ...]], optional: set[str] | frozenset[str] = frozenset()
+) -> list[Diagnostic]:
+    """Missing, unexpected and wrongly shaped parameters of the plan against the real model; ``optional``
+    ones (tied copies) may be missing."""
     arch = plan.rules.target.architecture
     w = plan.rules.where_target
     planned = {t.name: t.shape for t in plan.tensors}
     problems = []
-    missing = [k for k in expected if k not in planned]
+    missing = [k for k in expected if k not in planned and k not in optional]
     if missing:
         problems.append(
             w.error(f"{arch} expects {len(missing)} parameter(s) the plan does not produce: {_listing(missing)}")
