@@ -227,3 +227,28 @@ def test_tied_embeddings_convert(cli, tmp_path: Path, layout: str) -> None:
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
     assert_same_function(tmp_path / "out", state, cfg)
+
+
+def test_written_files_are_laid_out_as_the_safetensors_library_writes_them(tmp_path: Path) -> None:
+    """Header padded with spaces to 8 bytes (so that memory-mapped tensor data is aligned), compact JSON as
+    the library writes it, and every tensor read back by the library itself equal to the source's."""
+    import struct
+
+    from safetensors.torch import load_file
+
+    cfg = MsftConfig(vocab_size=97, n_embd=36, n_layer=2, n_head=3, rotary_dim=6)  # odd sizes: odd headers
+    state = random_state(cfg, seed=10)
+    src = write_checkpoint(tmp_path / "src", state, cfg, shards=2)
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=src), max_shard_bytes=40_000)
+    phi_rules.convert(phi_rules.load_rules(PHI2), tmp_path / "out", options)
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 1
+    got: dict[str, torch.Tensor] = {}
+    for f in files:
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = raw[8 : 8 + n]
+        assert n % 8 == 0 and header.rstrip(b" ") == json.dumps(json.loads(header), separators=(",", ":")).encode()
+        got |= load_file(f)
+    assert torch.equal(got["model.layers.1.self_attn.k_proj.weight"], state["transformer.h.1.mixer.Wqkv.weight"][36:72])
+    assert len(got) == len(state) + 4 * cfg.n_layer  # Wqkv weight and bias become three tensors each
