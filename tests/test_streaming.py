@@ -312,3 +312,34 @@ def test_an_interrupt_whose_exception_is_swallowed_still_publishes_nothing(
 
 
 BIG_ENOUGH = MsftConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+
+
+def test_a_nested_computation_is_freed_once_its_consumer_ran(tmp_path: Path) -> None:
+    """A transform that feeds another (here: a reshape before the q/k/v split) is computed once; its cache
+    entry must go when that consumer has run, not stay to the end (every layer's Wqkv, for phi-2)."""
+    from phi_rules.source.checkpoint import Checkpoint
+    from phi_rules.write.execute import Executor
+
+    cfg = MsftConfig(vocab_size=96, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    src = write_checkpoint(tmp_path / "src", random_state(cfg, seed=7), cfg)
+    rule = tmp_path / "nested.yaml"
+    rule.write_text(
+        f"version: 1\nname: nested\nextends: {PHI2}\n"
+        + r"""edit_steps:
+  - name: touch-qkv
+    before: split-qkv
+    transform:
+      match: 'transformer\.h\.(?P<l>\d+)\.mixer\.Wqkv\.(?P<p>weight|bias)'
+      ops: [{reshape: input}]
+      to: 'transformer.h.\g<l>.mixer.Wqkv.\g<p>'
+"""
+    )
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=src))
+    plan = phi_rules.plan(phi_rules.load_rules(rule), options)
+    assert any(len(t.ops()) == 2 for t in plan.tensors)  # reshape, then split: nested
+    with Checkpoint(sorted(src.glob("*.safetensors"))) as ckpt:
+        executor = Executor(ckpt, plan.tensors, torch.device("cpu"))
+        for t in plan.tensors:
+            executor.tensor(t)
+            assert all(n > 0 for n in executor.uses.values() if n)  # never counted below zero
+        assert executor.cache == {}

@@ -23,15 +23,20 @@ class Executor:
         self.checkpoint, self.device = checkpoint, device
         self.cache: dict[Computation, list[torch.Tensor]] = {}
         self.uses: Counter[Computation] = Counter()
+        counted: set[Computation] = set()
         for t in tensors:
-            for pick in self._picks(t.value):
+            for pick in self._picks(t.value, counted):
                 self.uses[pick.comp] += 1
 
-    def _picks(self, value: Value) -> Iterator[Pick]:
+    def _picks(self, value: Value, counted: set[Computation]) -> Iterator[Pick]:
+        """Every read of a computation's output: one per output that picks it, and one per computation that
+        takes it as an input, counted once however many outputs that computation feeds (it runs once)."""
         if isinstance(value, Pick):
             yield value
-            for inp in value.comp.inputs:
-                yield from self._picks(inp)
+            if value.comp not in counted:
+                counted.add(value.comp)
+                for inp in value.comp.inputs:
+                    yield from self._picks(inp, counted)
 
     def _value(self, value: Value) -> torch.Tensor:
         if isinstance(value, TensorInfo):
