@@ -262,14 +262,15 @@ def test_a_local_path_replaces_an_inherited_hub_source(cli, tmp_path: Path) -> N
 
 
 def test_exponent_numbers_are_numbers(cli, tmp_path: Path) -> None:
-    """YAML 1.1 reads 1e-5 as a string; rules read it as YAML 1.2 does, a number, and the model gets it."""
+    """YAML 1.1 reads 1e-5 as a string; rules read it as YAML 1.2 does, a number, and the model gets it.
+    (A config_defaults value is data, not an expression: only the YAML reading makes it a number.)"""
     rule = tmp_path / "eps.yaml"
     tiny = ROOT / "rules" / "examples" / "tiny-phi-2"
     rule.write_text(
-        f"version: 1\nname: eps\nextends: phi-2\nsource: {{path: {tiny}}}\n"
-        "target: {config: {layer_norm_eps: 2e-5}}\n"
+        f"version: 1\nname: eps\nextends: phi-2\nsource: {{path: {tiny}, config_defaults: {{my_eps: 1e-5}}}}\n"
+        "target: {config: {layer_norm_eps: my_eps}}\n"
     )
     assert cli("validate", rule)[0] == 0
     code, out, err = cli("plan", rule, "--json", "--quiet")
     assert code == 0, err
-    assert json.loads(out)["config"]["layer_norm_eps"] == 2e-5
+    assert json.loads(out)["config"]["layer_norm_eps"] == 1e-5
