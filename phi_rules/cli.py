@@ -323,19 +323,30 @@ def _shown(path: Path) -> str:
     return str(real.relative_to(Path.cwd())) if real.is_relative_to(Path.cwd()) else str(real)
 
 
+def _backward(row: dict[str, str | None]) -> str:
+    """The list's backward column: the derived rule's name, or why the rule runs one way only."""
+    if row.get("one_way"):
+        return f"no: {row['one_way']}"
+    return "derived" if str(row["description"]).startswith("(derived") else ("-" if row["name"] is None else "yes")
+
+
 def _list(as_json: bool) -> int:
     from phi_rules.language.document import RULES_DIR, LoadError, load_document
+    from phi_rules.language.reverse import one_way
     from phi_rules.language.rules import load_rules, rule_files
 
     rows = []
     for f in rule_files([RULES_DIR]):
         row: dict[str, str | None] = {"name": None, "layout": None, "file": _shown(f), "description": ""}
         try:
-            if load_document(f, str(f)).abstract:
+            document = load_document(f, str(f))
+            if document.abstract:
                 row["description"] = "(a base that other rules extend)"
             else:
                 r = load_rules(f)
                 row |= {"name": r.name, "layout": r.layout or None, "description": " ".join(r.description.split())}
+                data = document.located.data if isinstance(document.located.data, dict) else {}
+                row["one_way"] = None if r.reversible else (one_way(data) or "it has no reverse section")
                 if r.reversible:  # the backward rule it derives: a rule of its own, by name
                     b = load_rules(f, backward=True)
                     described = f"(derived: {r.name} backward) {' '.join(b.description.split())}"
@@ -347,8 +358,11 @@ def _list(as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = [(str(r["name"] or "-"), str(r["layout"] or "-"), str(r["file"]), str(r["description"])) for r in rows]
-    _print_table(("name", "layout", "file", "description"), table)
+    table = [
+        (str(r["name"] or "-"), str(r["layout"] or "-"), str(r["file"]), _backward(r), str(r["description"]))
+        for r in rows
+    ]
+    _print_table(("name", "layout", "file", "backward", "description"), table)
     return 0
 
 

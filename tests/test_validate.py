@@ -129,6 +129,11 @@ def test_list_shows_shipped_rules(cli) -> None:
     listed = {r["file"]: r for r in json.loads(out)}
     assert code == 0 and listed["rules/transformers-4.36.yaml"]["layout"] == "transformers-4.36"
     assert listed["rules/layouts/phi-msft.yaml"]["name"] is None  # the abstract base
+    by_name = {r["name"]: r for r in json.loads(out) if r["name"]}
+    assert by_name["phi3-to-llama"]["one_way"] is None  # it runs backward as llama-to-phi3
+    assert by_name["phi-2"]["one_way"] == (
+        "step 'drop-rotary-buffers' drops tensors, which the backward direction cannot bring back"
+    )
 
 
 def test_schema_output_file_and_version(cli, tmp_path: Path) -> None:

@@ -92,6 +92,16 @@ def _renames(config: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def one_way(data: dict[str, Any]) -> str | None:
+    """Why a rule cannot run backward (its first step that does not invert), or None when every step does."""
+    for i, raw in enumerate(data.get("steps") or []):
+        why: list[str] = []
+        _step(raw, why.append)
+        if why:
+            return f"step {raw.get('name', f'steps/{i}')!r} {why[0]}"
+    return None
+
+
 def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
     """The backward rule document of a forward one that has a ``reverse`` section."""
     data = located.data
