@@ -417,15 +417,26 @@ def _detect(args: argparse.Namespace) -> int:
     good = [f for f in fits if f.fits]
     if args.json:
         print(json.dumps({"source": str(args.source), "fits": [f.to_json() for f in fits]}, indent=2))
-        return 0 if len(good) == 1 else 1
+        return 0 if len(good) == 1 or sum(f.given for f in good) == 1 else 1
     if args.to is not None:
         fits = [f for f in fits if args.to in f.rules.target.names] or fits
     good = [f for f in fits if f.fits]
     rows = [
-        (f.rules.name, f.rules.layout or "-", f.rules.target.names[0], "yes" if f.fits else "no", _short(f.reason))
+        (
+            f.rules.name,
+            f.rules.layout or "-",
+            f.rules.target.names[0],
+            ("yes, yours" if f.given else "yes") if f.fits else "no",
+            _short(f.reason),
+        )
         for f in fits
     ]
     _print_table(("rule", "layout", "target", "fits", "why not"), rows)
+    yours = [f for f in good if f.given]
+    if len(yours) == 1 and len(good) > 1:  # a rule the user named wins over shipped ones that fit as well
+        others = ", ".join(f.rules.name for f in good if not f.given)
+        print(f"\n{args.source}: your rule {yours[0].rules.name} fits and wins over the shipped {others}")
+        return 0
     if len(good) == 1 and good[0].rules.converted:
         print(f"\n{args.source}: already in today's layout: load it with from_pretrained, no conversion needed")
     elif len(good) == 1:
@@ -488,7 +499,8 @@ def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
 
     if paths:
         return [load_ref(r) for r in paths]  # every file is checked before any work starts
-    options = replace(_options(args), overrides={})  # the layout is the source's own: --set shapes the plan
+    found = _options(args)  # the layout is the source's own: --set shapes the plan, --tokenizer the output
+    options = replace(found, overrides={}, source=replace(found.source, tokenizer=None))
     return [chosen(args.source, detect(args.source, options), getattr(args, "to", None))]
 
 

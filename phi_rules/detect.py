@@ -9,7 +9,7 @@ never read (a ``.bin`` is a pickle, so reading its names loads it; safetensors g
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
@@ -29,6 +29,7 @@ class Fit:
     reason: str
     refusal: str = ""  # a refusal of the rule that holds for this source
     names_fit: bool = True  # every source tensor is consumed
+    given: bool = False  # named by the user (--rules): it wins over shipped rules that fit as well
 
     @property
     def fits(self) -> bool:
@@ -43,6 +44,7 @@ class Fit:
             "converted": self.rules.converted,
             "target": self.rules.target.names[0],
             "refused": bool(self.refusal),
+            "given": self.given,
             "reason": self.reason or None,
         }
 
@@ -76,7 +78,9 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
 
     read: dict[object, tuple[dict[str, TensorInfo], ResolvedSource]] = {}
     fits = []
-    for rules in candidates(extra):
+    rules_list = candidates(extra)
+    shipped = len(rules_list) - len(extra)
+    for n, rules in enumerate(rules_list):
         try:
             key = (rules.source.files, rules.source.config_file)  # what a rule reads of the source
             if key not in read:
@@ -86,7 +90,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
         except PhiRulesError as exc:
             fits.append(Fit(rules, exc.diagnostics[0].message))
             continue
-        fits.append(_verdict(rules, plan) if plan.problems else Fit(rules, ""))
+        fits.append(replace(_verdict(rules, plan) if plan.problems else Fit(rules, ""), given=n >= shipped))
     if not read:  # the source itself could not be read: that one line says why
         reason = fits[0].reason if fits else "none given"
         raise PhiRulesError(reason if reason.startswith(str(source)) else f"{source}: cannot be read: {reason}")

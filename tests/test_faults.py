@@ -652,3 +652,25 @@ def test_a_valid_header_changed_in_one_place_fails_cleanly_or_converts_readably(
         with safe_open(f, "pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open has no iteration
                 fh.get_tensor(key)
+
+
+def test_a_rule_the_user_names_wins_detection(cli, tmp_path: Path) -> None:
+    """A user's rule that extends a shipped one fits exactly where the shipped one does: it wins, and says so."""
+    src = good(tmp_path)
+    mine = rule(tmp_path, f"version: 1\nname: mine\nextends: {PHI2}\n")
+    code, out, err = cli("detect", src, "--rules", mine)
+    assert code == 0, out + err
+    assert "yes, yours" in out and f"{src}: your rule mine fits and wins over the shipped phi-2" in out
+    code, out, _ = cli("detect", src, "--rules", mine, "--json")
+    assert code == 0 and [f["rule"] for f in json.loads(out)["fits"] if f["given"]] == ["mine"]
+
+
+def test_a_bad_tokenizer_is_named_as_such(cli, tmp_path: Path) -> None:
+    code, _, err = cli(
+        "apply", "--source", good(tmp_path), "--out", tmp_path / "out", "--tokenizer", tmp_path / "nope", "--quiet"
+    )
+    assert (
+        code == 1
+        and err.strip()
+        == f"error: --tokenizer {tmp_path / 'nope'}: neither a folder nor a hub repository owner/name@revision"
+    ), err
