@@ -252,3 +252,17 @@ def test_written_files_are_laid_out_as_the_safetensors_library_writes_them(tmp_p
         got |= load_file(f)
     assert torch.equal(got["model.layers.1.self_attn.k_proj.weight"], state["transformer.h.1.mixer.Wqkv.weight"][36:72])
     assert len(got) == len(state) + 4 * cfg.n_layer  # Wqkv weight and bias become three tensors each
+
+
+@pytest.mark.parametrize(("n_embd", "rotary_dim"), [(176, 30), (208, 60), (400, 58)])
+def test_a_rotary_size_the_config_cannot_carry_is_refused(cli, tmp_path: Path, n_embd: int, rotary_dim: int) -> None:
+    """head_dim 88 with rotary_dim 30: 30/88 * 88 is 29.999…, and transformers rotates int() of it, 29. The
+    output used to be published and fail at its first forward; it is refused, naming what the model would use."""
+    cfg = MsftConfig(vocab_size=50, n_embd=n_embd, n_layer=1, n_head=2, rotary_dim=rotary_dim, n_inner=32)
+    src = write_checkpoint(tmp_path / "src", random_state(cfg, seed=3), cfg)
+    code, _, err = cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert (
+        f"would use model.layers.0.self_attn.rotary_ndims = {rotary_dim - 1} where the source means {rotary_dim}" in err
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -86,6 +86,8 @@ class Target:
     require_tokenizer: bool
     adapter: AdapterSpec | None = None
     layout: str = ""  # the layout written; --to picks rules by it or by the architecture's model type
+    uses: Mapping[str, expr.Node] = field(default_factory=dict)  # model attributes -> what the source means
+    uses_where: Mapping[str, Where] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -379,6 +381,8 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         raw.get("require_tokenizer", False),
         _adapter_spec(raw.get("adapter")),
         raw.get("layout", ""),
+        {k: n for k, v in raw.get("uses", {}).items() if (n := c.parse_expr(("target", "uses", k), v, source_names))},
+        {k: c.where(("target", "uses", k)) for k in raw.get("uses", {})},
     )
 
 

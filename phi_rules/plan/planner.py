@@ -112,6 +112,7 @@ class Plan:
     unconsumed: list[str] = field(default_factory=list)  # source tensors no step touched
     adapter_config: dict[str, object] | None = None  # for adapter rules: the adapter_config.json to write
     overridden: tuple[str, ...] = ()  # the target config keys that --set gave
+    uses: dict[str, expr.Value] = field(default_factory=dict)  # model attribute -> the value the source means
 
     @property
     def total_bytes(self) -> int:
@@ -366,7 +367,13 @@ def make_plan(
         problems += adapter_problems
     target_keys = tuple(k for k in overrides if k not in rules.source.config_defaults)
     problems[:0] = override_types(rules, found_config, overrides)
-    return Plan(rules, src, config, planned, list(tensors), problems, untouched, adapter_config, target_keys)
+    uses: dict[str, expr.Value] = {}
+    for name, node in rules.target.uses.items():
+        try:
+            uses[name] = expr.evaluate(node, env, shapes)
+        except expr.ExprError as exc:
+            problems.append(rules.target.uses_where[name].error(f"cannot compute {name}: {exc.message}", "plan"))
+    return Plan(rules, src, config, planned, list(tensors), problems, untouched, adapter_config, target_keys, uses)
 
 
 def override_types(

@@ -175,12 +175,34 @@ def expected_parameters(plan: Plan, config: Any) -> tuple[dict[str, tuple[int, .
         reason = " ".join(str(exc).split())[:200]
         problem = plan.rules.where_target.error(f"{cls.__name__} cannot be built from the config: {reason}")
         raise PhiRulesError([problem]) from None
+    wrong = [
+        plan.rules.target.uses_where[name].error(
+            f"{cls.__name__} would use {name} = {got!r} where the source means {want!r}: the config cannot "
+            "carry it exactly (a value transformers derives, e.g. int(head_dim * partial_rotary_factor)); not "
+            "converted",
+            "refused",
+        )
+        for name, want in plan.uses.items()
+        if (got := _attribute(model, name)) != want
+    ]
+    if wrong:
+        raise PhiRulesError(wrong)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied: set[str] = set()
     if getattr(config, "tie_word_embeddings", False):
         keys = getattr(model, "_tied_weights_keys", None) or {}
         tied = {k for k in (keys if isinstance(keys, dict | list) else []) if k in shapes}
     return shapes, tied
+
+
+def _attribute(model: Any, path: str) -> Any:
+    """``model.layers.0.self_attn.rotary_ndims``: attributes, and list indices where a part is a number."""
+    found = model
+    for part in path.split("."):
+        found = found[int(part)] if part.isdigit() else getattr(found, part, None)
+        if found is None:
+            return None
+    return found
 
 
 def expected_adapter_parameters(plan: Plan, config: Any) -> dict[str, tuple[int, ...]]:
