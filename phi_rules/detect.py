@@ -18,7 +18,7 @@ from phi_rules.language.rules import Rules, load_rules, rule_files
 from phi_rules.options import Options
 from phi_rules.plan.planner import Plan, make_plan
 from phi_rules.source.header import TensorInfo
-from phi_rules.source.resolve import ResolvedSource
+from phi_rules.source.resolve import ResolvedSource, source_tensors
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,6 @@ def _verdict(rules: Rules, plan: Plan) -> Fit:
 
 def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list[Fit]:
     """Every candidate's verdict for a source: a folder, a weights file, or a hub repository."""
-    from phi_rules.pipeline import source_tensors
-
     read: dict[object, tuple[dict[str, TensorInfo], ResolvedSource]] = {}
     fits = []
     rules_list = candidates(extra)
@@ -84,7 +82,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
         try:
             key = (rules.source.files, rules.source.config_file)  # what a rule reads of the source
             if key not in read:
-                read[key] = source_tensors(rules, options, lambda _: None)
+                read[key] = source_tensors(rules, options.source, lambda _: None)
             tensors, resolved = read[key]
             plan = make_plan(rules, tensors, resolved.config(), options.overrides)
         except PhiRulesError as exc:

@@ -30,7 +30,7 @@ from phi_rules.plan.planner import Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
 from phi_rules.source.header import TensorInfo
-from phi_rules.source.resolve import NO_TOKENIZER, TOKENIZER_FILES, ResolvedSource, remote_tensors, resolve
+from phi_rules.source.resolve import NO_TOKENIZER, TOKENIZER_FILES, ResolvedSource, resolve, source_tensors
 from phi_rules.write import destination, output
 from phi_rules.write.stream import Progress
 
@@ -90,25 +90,11 @@ def _blame_overrides(
         raise PhiRulesError(f"--set {given}: the conversion does not fit with it: {result.problems[0]}")
 
 
-def source_tensors(
-    rules: Rules, options: Options, note: Callable[[str], None]
-) -> tuple[dict[str, TensorInfo], ResolvedSource]:
-    """The source's tensor metadata without reading tensor bytes: hub safetensors by header only."""
-    src = options.source
-    if src.source is None and (src.hub is not None or rules.source.path is None):
-        tensors, resolved = remote_tensors(rules, src, note)
-        with Checkpoint(resolved.weights) as local:
-            return {**tensors, **local.tensors}, resolved
-    resolved = resolve(rules, src)
-    with Checkpoint(resolved.weights) as ckpt:
-        return dict(ckpt.tensors), resolved
-
-
 def plan(rules: Rules, options: Options | None = None, note: Callable[[str], None] = lambda _: None) -> Plan:
     """Plan and check a conversion without writing anything; hub safetensors are read by header only."""
     options = options or Options()
     _refuse_converted(rules, options)
-    tensors, resolved = source_tensors(rules, options, note)
+    tensors, resolved = source_tensors(rules, options.source, note)
     for n in resolved.notes:
         note(n)
     return _planned(rules, tensors, resolved, options)

@@ -18,7 +18,7 @@ from pathlib import Path
 from phi_rules.plan.planner import Plan
 from phi_rules.source.digest import cache_folder, write_atomically
 
-_CHECKING_CODE = ("plan/target.py", "write/output.py", "plan/remembered.py")
+_CHECKING_CODE = ("plan/target.py", "write/config.py", "write/output.py", "plan/remembered.py")
 FILES = ("config.json", "generation_config.json", "adapter_config.json")
 
 

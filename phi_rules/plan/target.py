@@ -5,10 +5,8 @@ against the architecture's real parameter set built on the ``meta`` device (no m
 from __future__ import annotations
 
 import inspect
-import json
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +51,7 @@ def _known_fields(config_cls: Any) -> set[str]:
     return known
 
 
-def _where(plan: Plan, key: str) -> Where:
+def where(plan: Plan, key: str) -> Where:
     """Where a config value was written (a --set or copied value: the target section)."""
     w = plan.rules.target.config_where.get(key)
     return w or Where(
@@ -86,7 +84,7 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
                 code="set",
             )
             if k in plan.overridden
-            else _where(plan, k).error(f"{cls.__name__} has no field {k!r}{did_you_mean(k, known)}", "target")
+            else where(plan, k).error(f"{cls.__name__} has no field {k!r}{did_you_mean(k, known)}", "target")
             for k in unknown
         )
     defaults = cls().to_dict()
@@ -108,60 +106,6 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
     except Exception as exc:  # transformers' (strict) validation raises several types; each is a bad value
         reason = " ".join(str(exc).split())
         raise PhiRulesError([w.error(f"{cls.__name__} rejected the config: {reason}", "target")]) from None
-
-
-def older_readers(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """The top-level fields that transformers 4.x, llama.cpp and MLX-LM read, from ``rope_parameters``.
-
-    transformers 5 keeps rotary settings only inside ``rope_parameters``; the older readers silently fall
-    back to defaults without them (a partial_rotary_factor of 0.5 for phi-2's 0.4, a rope_theta of 10000
-    for Phi-4's 250000, no longrope at all). What they need depends on the rope, not on the rule."""
-    rope = saved.get("rope_parameters")
-    if not isinstance(rope, dict):
-        return {}
-    fields = {
-        k: rope[k] for k in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings") if k in rope
-    }
-    kind = rope.get("rope_type", "default")
-    if kind != "default":  # 4.x reads the scaling from rope_scaling, named by rope_type (and "type" before 4.45)
-        scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        fields["rope_scaling"] = {**scaling, "type": kind}
-    return fields
-
-
-def write_config(plan: Plan, config: Any, folder: Path) -> None:
-    """config.json as transformers writes it, plus what older readers look for at the top level."""
-    config.save_pretrained(folder)
-    path = folder / "config.json"
-    saved = json.loads(path.read_text())
-    saved.update(older_readers(saved))
-    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    check_saved_config(plan, saved)
-
-
-def _holds(saved: Any, requested: Any) -> bool:
-    """A requested value is saved; a requested object may gain fields the class fills in (``rope_parameters``)."""
-    if isinstance(saved, dict) and isinstance(requested, dict):
-        return all(k in saved and _holds(saved[k], v) for k, v in requested.items())
-    return bool(saved == requested)
-
-
-def check_saved_config(plan: Plan, saved: Mapping[str, Any]) -> None:
-    """Require every requested value in config.json where transformers looks."""
-    wrong = [
-        _where(plan, k).error(f"requested {v!r} but the saved config.json holds {saved_value(saved, k)!r}", "target")
-        for k, v in plan.config.items()
-        if v is not None and not _holds(saved_value(saved, k), v)
-    ]
-    wrong += [
-        plan.rules.where_target.error(
-            f"config.json holds {saved.get(k)!r} at the top level but {v!r} for transformers 5"
-        )
-        for k, v in older_readers(saved).items()
-        if saved.get(k) != v
-    ]
-    if wrong:
-        raise PhiRulesError(wrong)
 
 
 def expected_parameters(plan: Plan, config: Any) -> tuple[dict[str, tuple[int, ...]], set[str]]:

@@ -18,6 +18,7 @@ from typing import Any
 from phi_rules.errors import PhiRulesError
 from phi_rules.language.rules import FileSpec, Rules
 from phi_rules.options import SourceOptions
+from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.header import TensorInfo, parse_safetensors_header
 
 # What --tokenizer copies, and what counts as a usable tokenizer in an output folder.
@@ -455,3 +456,16 @@ def remote_tensors(
         }
         tensors.update(parse_safetensors_header(json.dumps(header).encode(), f"{hub.repo}/{spec.name}"))
     return tensors, replace(resolved, weights=tuple(local))
+
+
+def source_tensors(
+    rules: Rules, src: SourceOptions, note: Callable[[str], None]
+) -> tuple[dict[str, TensorInfo], ResolvedSource]:
+    """The source's tensor metadata without reading tensor bytes: hub safetensors by header only."""
+    if src.source is None and (src.hub is not None or rules.source.path is None):
+        tensors, resolved = remote_tensors(rules, src, note)
+        with Checkpoint(resolved.weights) as local:
+            return {**tensors, **local.tensors}, resolved
+    resolved = resolve(rules, src)
+    with Checkpoint(resolved.weights) as ckpt:
+        return dict(ckpt.tensors), resolved

@@ -122,7 +122,7 @@ def write_config(folder: Path, result: Plan, config: Any) -> None:
         return
     from transformers import GenerationConfig
 
-    from phi_rules.plan import target
+    from phi_rules.write import config as config_file
 
-    target.write_config(result, config, folder)
+    config_file.write_config(result, config, folder)
     GenerationConfig.from_model_config(config).save_pretrained(folder)
