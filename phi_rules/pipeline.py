@@ -48,12 +48,12 @@ def checked(plan: Plan, dtype: str | None) -> Any:
         if not problems:
             problems += target.check_against_target(plan, target.expected_adapter_parameters(plan, config))
     elif plan.rules.target.check:
-        expected, tied = target.expected_parameters(plan, config)
-        already = None if plan.rules.config_only else target.already_converted(plan, expected)
+        expected = target.expected_parameters(plan, config)
+        already = None if plan.rules.config_only else target.already_converted(plan, expected.shapes)
         if already:  # every other problem is a consequence of that
             problems = [already]
         elif all(p.code == "unconsumed" for p in problems):  # a failed step would only cascade here
-            problems += target.check_against_target(plan, expected, tied)
+            problems += expected.uses + target.check_against_target(plan, expected.shapes, expected.tied)
     if problems:
         raise PhiRulesError(problems)
     return config

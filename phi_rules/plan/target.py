@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -108,9 +109,17 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
         raise PhiRulesError([w.error(f"{cls.__name__} rejected the config: {reason}", "target")]) from None
 
 
-def expected_parameters(plan: Plan, config: Any) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """Names and shapes the architecture loads, and the tied copies among them: those may be in the files
-    (a legacy checkpoint stores its head beside the embedding it is tied to) or not (transformers omits them)."""
+@dataclass(frozen=True)
+class Expected:
+    """What the architecture built from the config loads and uses."""
+
+    shapes: dict[str, tuple[int, ...]]  # parameter names and shapes
+    tied: set[str]  # tied copies: in the files (legacy checkpoints store the head) or not (transformers omits it)
+    uses: list[Diagnostic]  # values the model would use other than the source means (``target.uses``)
+
+
+def expected_parameters(plan: Plan, config: Any) -> Expected:
+    """What the architecture loads and uses, built from the config on the ``meta`` device."""
     cls = model_class(plan.rules.target.architecture)
     try:
         with torch.device("meta"):
@@ -119,7 +128,7 @@ def expected_parameters(plan: Plan, config: Any) -> tuple[dict[str, tuple[int, .
         reason = " ".join(str(exc).split())[:200]
         problem = plan.rules.where_target.error(f"{cls.__name__} cannot be built from the config: {reason}")
         raise PhiRulesError([problem]) from None
-    wrong = [
+    uses = [
         plan.rules.target.uses_where[name].error(
             f"{cls.__name__} would use {name} = {got!r} where the source means {want!r}: the config cannot "
             "carry it exactly (a value transformers derives, e.g. int(head_dim * partial_rotary_factor)); not "
@@ -129,14 +138,12 @@ def expected_parameters(plan: Plan, config: Any) -> tuple[dict[str, tuple[int, .
         for name, want in plan.uses.items()
         if (got := _attribute(model, name)) != want
     ]
-    if wrong:
-        raise PhiRulesError(wrong)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied: set[str] = set()
     if getattr(config, "tie_word_embeddings", False):
         keys = getattr(model, "_tied_weights_keys", None) or {}
         tied = {k for k in (keys if isinstance(keys, dict | list) else []) if k in shapes}
-    return shapes, tied
+    return Expected(shapes, tied, uses)
 
 
 def _attribute(model: Any, path: str) -> Any:
