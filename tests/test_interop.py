@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -102,13 +103,9 @@ def _gguf_name(name: str) -> str:
     return f"{GGUF_NAMES[module]}.{param}"
 
 
-def test_llama_cpp_converts_the_output_to_gguf(cli, tmp_path: Path) -> None:
-    llama = _tool("PHI_RULES_LLAMA_CPP", "llama.cpp's convert_hf_to_gguf.py and gguf-py")
-    out = tmp_path / "out"
-    code, _, err = cli("apply", TINY_RULE, "--out", out, "--quiet")
-    assert code == 0, err
-    gguf_file = tmp_path / "tiny.gguf"
-    convert = [str(llama / "convert_hf_to_gguf.py"), str(out), "--outfile", str(gguf_file), "--outtype", "f32"]
+def gguf_of(llama: Path, folder: Path, gguf_file: Path) -> Any:
+    """llama.cpp's own converter run on an output folder (float32), and gguf-py's reader of the result."""
+    convert = [str(llama / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(gguf_file), "--outtype", "f32"]
     run = subprocess.run(
         [sys.executable, *convert],
         capture_output=True,
@@ -117,13 +114,20 @@ def test_llama_cpp_converts_the_output_to_gguf(cli, tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(llama / "gguf-py")},
     )
     assert run.returncode == 0, run.stderr[-3000:]
-
     sys.path.insert(0, str(llama / "gguf-py"))
     try:
         import gguf
     finally:
         sys.path.remove(str(llama / "gguf-py"))
-    reader = gguf.GGUFReader(gguf_file)
+    return gguf.GGUFReader(gguf_file)
+
+
+def test_llama_cpp_converts_the_output_to_gguf(cli, tmp_path: Path) -> None:
+    llama = _tool("PHI_RULES_LLAMA_CPP", "llama.cpp's convert_hf_to_gguf.py and gguf-py")
+    out = tmp_path / "out"
+    code, _, err = cli("apply", TINY_RULE, "--out", out, "--quiet")
+    assert code == 0, err
+    reader = gguf_of(llama, out, tmp_path / "tiny.gguf")
     assert reader.fields["general.architecture"].contents() == "phi2"
     assert reader.fields["phi2.rope.dimension_count"].contents() == TINY.rotary_dim
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"

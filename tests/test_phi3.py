@@ -364,33 +364,14 @@ LLAMA_GGUF = {
 def test_llama_cpp_converts_a_llamafied_phi4(cli: Cli, tmp_path: Path) -> None:
     """llama.cpp's own converter reads the Llama output of a Phi-4-shaped model: rope_theta 250000 and the
     grouped-query head counts arrive, and every tensor llama.cpp does not permute arrives bit for bit."""
-    import os
-    import subprocess
-    import sys
-
-    from test_interop import _tool
+    from test_interop import _tool, gguf_of
 
     llama_cpp = _tool("PHI_RULES_LLAMA_CPP", "llama.cpp's convert_hf_to_gguf.py and gguf-py")
     model = phi3_model({**FAMILY["phi-4"], "vocab_size": 50304})  # room for the GPT-2 tokenizer's ids
     src = save(model, tmp_path / "src")
     tokenizer = ROOT / "rules" / "examples" / "tiny-phi-2"
     converts(cli, src, tmp_path / "out", "llama", "--tokenizer", tokenizer)
-    gguf_file = tmp_path / "phi-4.gguf"
-    convert = [str(llama_cpp / "convert_hf_to_gguf.py"), str(tmp_path / "out"), "--outfile", str(gguf_file)]
-    run = subprocess.run(
-        [sys.executable, *convert, "--outtype", "f32"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(llama_cpp / "gguf-py")},
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    sys.path.insert(0, str(llama_cpp / "gguf-py"))
-    try:
-        import gguf
-    finally:
-        sys.path.remove(str(llama_cpp / "gguf-py"))
-    reader = gguf.GGUFReader(gguf_file)
+    reader = gguf_of(llama_cpp, tmp_path / "out", tmp_path / "phi-4.gguf")
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["llama.rope.freq_base"].contents() == 250000.0
     assert reader.fields["llama.attention.head_count_kv"].contents() == 2

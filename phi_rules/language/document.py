@@ -51,28 +51,33 @@ def _error(located: Located, path: YPath, message: str, *, key: bool = False) ->
 
 
 @cache
-def shipped_names() -> dict[str, Path]:
-    """Shipped rule files by their ``name``, for ``extends: NAME``."""
-    found: dict[str, Path] = {}
+def _shipped() -> tuple[tuple[Path, dict[str, object]], ...]:
+    """Every shipped rule file with its top-level data, read once per run."""
+    found = []
     for f in sorted(RULES_DIR.rglob("*.yaml")):
         try:
             data = yaml.safe_load(f.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue
-        if isinstance(data, dict) and isinstance(data.get("name"), str):
-            found.setdefault(data["name"], f)
+        if isinstance(data, dict):
+            found.append((f, data))
+    return tuple(found)
+
+
+def shipped_names() -> dict[str, Path]:
+    """Shipped rule files by their ``name``, for ``extends: NAME``."""
+    found: dict[str, Path] = {}
+    for f, data in _shipped():
+        if isinstance(data.get("name"), str):
+            found.setdefault(str(data["name"]), f)
     return found
 
 
 def shipped_reverse_names() -> dict[str, Path]:
     """The files of shipped rules by the name of the backward rule their ``reverse`` section derives."""
     found: dict[str, Path] = {}
-    for f in sorted(RULES_DIR.rglob("*.yaml")):
-        try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue
-        rev = data.get("reverse") if isinstance(data, dict) else None
+    for f, data in _shipped():
+        rev = data.get("reverse")
         if isinstance(rev, dict) and isinstance(rev.get("name"), str):
             found.setdefault(rev["name"], f)
     return found
