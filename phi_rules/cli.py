@@ -327,7 +327,7 @@ def _backward(row: dict[str, str | None]) -> str:
     """The list's backward column: the derived rule's name, or why the rule runs one way only."""
     if row.get("one_way"):
         return f"no: {row['one_way']}"
-    return "derived" if str(row["description"]).startswith("(derived") else ("-" if row["name"] is None else "yes")
+    return "derived" if row.get("derived_from") else ("-" if row["name"] is None else "yes")
 
 
 def _list(as_json: bool) -> int:
@@ -352,6 +352,7 @@ def _list(as_json: bool) -> int:
                     described = f"(derived: {r.name} backward) {' '.join(b.description.split())}"
                     rows.append(row)
                     row = {"name": b.name, "layout": b.layout or None, "file": _shown(f), "description": described}
+                    row["derived_from"] = r.name
         except (PhiRulesError, LoadError) as exc:
             row["description"] = f"(invalid: {exc.diagnostics[0].message})"
         rows.append(row)

@@ -61,16 +61,7 @@ def test_transformers_4_computes_the_original_function(cli, tmp_path: Path) -> N
     saved = json.loads((out / "config.json").read_text())
     assert saved["partial_rotary_factor"] == pytest.approx(0.4) and saved["rope_theta"] == 10000.0
 
-    run = subprocess.run(
-        [str(python), "-c", TF4_PROGRAM, str(out), json.dumps(IDS.tolist())],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
-    )
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout)
-    assert all(not v for v in result["info"].values()), result["info"]
+    result = tf4_forward(python, out, IDS.tolist())
     # Every value the rule asked for is what 4.x reads, under its own attribute names.
     plan = cli("plan", PHI2, "--source", src, "--json")[1]
     for key, value in json.loads(plan)["config"].items():
@@ -78,6 +69,21 @@ def test_transformers_4_computes_the_original_function(cli, tmp_path: Path) -> N
     got = torch.tensor(result["logits"])
     diff = (got - reference_logits(state, PHI2_SHAPED, IDS)).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+def tf4_forward(python: Path, folder: Path, ids: list[int]) -> dict[str, Any]:
+    """transformers 4.57, in its own virtualenv, loading ``folder``: its config, loading info and logits."""
+    run = subprocess.run(
+        [str(python), "-c", TF4_PROGRAM, str(folder), json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+    )
+    assert run.returncode == 0, run.stderr
+    result: dict[str, Any] = json.loads(run.stdout)
+    assert all(not v for v in result["info"].values()), result["info"]  # strict: nothing missing or unexpected
+    return result
 
 
 # transformers names -> llama.cpp's GGUF names for the Phi2 architecture (gguf-py's tensor table).

@@ -306,26 +306,14 @@ def test_transformers_4_reads_the_output_as_the_source_computes(
 ) -> None:
     """transformers 4.57 reads rope_theta, rope_scaling and original_max_position_embeddings at the top level:
     the same logits as the Phi3 source, on both sides of original_max_position_embeddings."""
-    import os
-    import subprocess
-
-    from test_interop import TF4_PROGRAM, _tool
+    from test_interop import _tool, tf4_forward
 
     python = _tool("PHI_RULES_TF4_PYTHON", "a virtualenv with transformers==4.57.6")
     model = phi3_model(FAMILY[member])
     converts(cli, save(model, tmp_path / "src"), tmp_path / "out", target)
     for n in LENGTHS:
         ids = torch.randint(0, BASE["vocab_size"], (n,), generator=torch.Generator().manual_seed(n))
-        run = subprocess.run(
-            [str(python), "-c", TF4_PROGRAM, str(tmp_path / "out"), json.dumps(ids.tolist())],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
-        )
-        assert run.returncode == 0, run.stderr
-        result = json.loads(run.stdout)
-        assert all(not v for v in result["info"].values()), result["info"]
+        result = tf4_forward(python, tmp_path / "out", ids.tolist())
         with torch.no_grad():
             want = model(ids[None]).logits[0]
         assert (torch.tensor(result["logits"]) - want).abs().max().item() <= 1e-4, n

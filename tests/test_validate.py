@@ -131,6 +131,7 @@ def test_list_shows_shipped_rules(cli) -> None:
     assert listed["rules/layouts/phi-msft.yaml"]["name"] is None  # the abstract base
     by_name = {r["name"]: r for r in json.loads(out) if r["name"]}
     assert by_name["phi3-to-llama"]["one_way"] is None  # it runs backward as llama-to-phi3
+    assert by_name["llama-to-phi3"]["derived_from"] == "phi3-to-llama"
     assert by_name["phi-2"]["one_way"] == (
         "step 'drop-rotary-buffers' drops tensors, which the backward direction cannot bring back"
     )

@@ -88,7 +88,7 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
             else where(plan, k).error(f"{cls.__name__} has no field {k!r}{did_you_mean(k, known)}", "target")
             for k in unknown
         )
-    defaults = cls().to_dict()
+    defaults = cls().to_dict() if plan.overridden else {}
     mistyped = [
         f"--set {k}={plan.config[k]}: {cls.__name__}'s {k} is a number (default {saved_value(defaults, k)!r})"
         for k in plan.overridden

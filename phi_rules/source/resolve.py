@@ -227,22 +227,26 @@ def _unreachable(endpoint: str) -> str | None:
     return None
 
 
-def local_only(opts: SourceOptions) -> bool:
-    """Whether the hub cache alone is used: --offline, HF_HUB_OFFLINE, or an endpoint that does not answer
-    (one look, in seconds, instead of the hub client's retries for every file: minutes)."""
+def _cache_only(opts: SourceOptions) -> tuple[str, bool] | None:
+    """Why the hub cache alone is used, and whether the user asked for it (--offline, HF_HUB_OFFLINE) rather
+    than the endpoint not answering (one look, in seconds, instead of the hub client's retries for every
+    file: minutes); None when the network is used."""
     from huggingface_hub import constants
 
-    return opts.offline or constants.HF_HUB_OFFLINE or _unreachable(constants.ENDPOINT) is not None
+    if opts.offline or constants.HF_HUB_OFFLINE:
+        return "downloads are off (offline)", True
+    why = _unreachable(constants.ENDPOINT)
+    return (f"cannot reach {constants.ENDPOINT} ({why})", False) if why else None
+
+
+def local_only(opts: SourceOptions) -> bool:
+    return _cache_only(opts) is not None
 
 
 def offline_note(opts: SourceOptions) -> list[str]:
     """The note that says the cache alone is used because the endpoint does not answer, if so."""
-    from huggingface_hub import constants
-
-    if opts.offline or constants.HF_HUB_OFFLINE:
-        return []
-    why = _unreachable(constants.ENDPOINT)
-    return [f"cannot reach {constants.ENDPOINT} ({why}): using the hub cache only"] if why else []
+    reason = _cache_only(opts)
+    return [f"{reason[0]}: using the hub cache only"] if reason and not reason[1] else []
 
 
 def _download(repo: str, opts: SourceOptions, revision: str, spec: FileSpec, *, required: bool) -> Path | None:
@@ -339,12 +343,12 @@ def _weight_files(hub: _Hub, opts: SourceOptions) -> tuple[FileSpec, ...]:
         index = _download(hub.repo, opts, hub.revision, FileSpec(name), required=False)
         if index is not None:
             return tuple(FileSpec(f) for f in _index_files(index))
-    if local_only(opts):
+    reason = _cache_only(opts)
+    if reason is not None:
         from huggingface_hub import constants
 
-        why = (offline_note(opts) or ["downloads are off (offline)"])[0].replace(": using the hub cache only", "")
         cache = opts.cache_dir or constants.HF_HUB_CACHE
-        raise PhiRulesError(f"{hub.repo}@{hub.revision}: no weights in the hub cache at {cache}, and {why}")
+        raise PhiRulesError(f"{hub.repo}@{hub.revision}: no weights in the hub cache at {cache}, and {reason[0]}")
     raise PhiRulesError(f"{hub.repo}@{hub.revision}: no weights found: looked for {', '.join(WEIGHT_NAMES)}")
 
 
@@ -358,10 +362,9 @@ def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> R
     extras = [(f, _download(hub.repo, opts, hub.revision, f, required=False)) for f in src.extra_files]
     where = f"{hub.repo}@{hub.revision}"
     absent = [f.name for f, p in extras if p is None]
-    notes = []
+    notes = offline_note(opts)
     if config is None:
         notes.append(f"{src.config_file}: not in {where}: using the rule's config_defaults")
-    notes[:0] = offline_note(opts)
     first = next((p for p in [*paths, config, *(p for _, p in extras)] if p is not None), None)
     commit = _commit_of(first, first.name) if first is not None else hub.revision
     if commit != hub.revision:
