@@ -142,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
             help="copy tokenizer files from this folder or hub repository instead of the source's "
             "(the base model a fine-tune came from)",
         )
+        g.add_argument(
+            "--base",
+            metavar="PATH|OWNER/NAME@REV",
+            help="for an adapter: the base model it was trained on, whose config.json gives the sizes the adapter's "
+            "tensors do not show (fusing q_proj alone into qkv_proj needs k and v's rows)",
+        )
         q.add_argument(
             "--set",
             action="append",
@@ -371,7 +377,8 @@ def _options(args: argparse.Namespace) -> Options:
 
     path, hub = source_argument(str(args.source)) if args.source is not None else (None, None)
     tokenizer = getattr(args, "tokenizer", None)
-    src = SourceOptions(path, hub, args.revision, args.cache_dir, args.offline, args.token, tokenizer)
+    base = getattr(args, "base", None) if args.command != "verify" else None  # verify's --base names two folders
+    src = SourceOptions(path, hub, args.revision, args.cache_dir, args.offline, args.token, tokenizer, base)
     extra = {}
     if args.command == "apply":
         extra = {

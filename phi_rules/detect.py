@@ -84,7 +84,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
             if key not in read:
                 read[key] = source_tensors(rules, options.source, lambda _: None)
             tensors, resolved = read[key]
-            plan = make_plan(rules, tensors, resolved.config(), options.overrides)
+            plan = make_plan(rules, tensors, resolved.config(), options.overrides, base=resolved.base())
         except PhiRulesError as exc:
             fits.append(Fit(rules, exc.diagnostics[0].message))
             continue

@@ -20,6 +20,7 @@ class SourceOptions:
     offline: bool = False
     token: str | None = None
     tokenizer: str | None = None  # a folder or owner/name@revision to copy tokenizer files from
+    base: str | None = None  # for an adapter: the base model's folder or owner/name@revision (its config.json)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def _uniform_dtype(plan: Plan) -> str | None:
 
 def _planned(rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options) -> Plan:
     """The plan, checked against the target (or known to pass: an identical plan passed before)."""
-    result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype)
+    result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype, resolved.base())
     _blame_overrides(result, tensors, resolved, options)
     dtype = _uniform_dtype(result)
     if result.problems or remembered.recall(remembered.key(result, dtype)) is None:
@@ -84,7 +84,7 @@ def _blame_overrides(
     said = [p for p in result.problems if p.code == "set"]
     if said:
         raise PhiRulesError(said)
-    plain = make_plan(result.rules, tensors, resolved.config(), {}, options.dtype)
+    plain = make_plan(result.rules, tensors, resolved.config(), {}, options.dtype, resolved.base())
     if not plain.problems:
         given = " ".join(f"{k}={v}" for k, v in options.overrides.items())
         raise PhiRulesError(f"--set {given}: the conversion does not fit with it: {result.problems[0]}")
@@ -246,7 +246,9 @@ def _convert(
     tmp = destination.temporary(out)
     try:
         with _interruptible() as interrupted, Checkpoint(resolved.weights) as ckpt:
-            result = make_plan(rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype)
+            result = make_plan(
+                rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype, resolved.base()
+            )
             _blame_overrides(result, ckpt.tensors, resolved, options)
             if result.problems:  # every problem at once, the target's included; nothing written
                 checked(result, _uniform_dtype(result))

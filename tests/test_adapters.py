@@ -159,3 +159,41 @@ def test_adapter_conversion_prints_no_library_noise(tmp_path: Path) -> None:
     run = run_phi_rules("apply", "--source", tmp_path / "adapter", "--out", out, "--set", "base_model_name_or_path=b")
     assert run.returncode == 0, run.stderr
     assert all(line.startswith(("note:", str(out))) for line in run.stderr.splitlines()), run.stderr
+
+
+def test_rank_and_alpha_patterns_convert_with_their_modules(cli, tmp_path: Path) -> None:
+    """alpha_pattern and rank_pattern keys on Wqkv are rewritten with it: an unconverted key would leave q, k
+    and v at the global alpha (logits off by ~4 here), and verify --base catches that."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    state = random_state(CFG, seed=9)
+    write_checkpoint(tmp_path / "base", state, CFG)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["Wqkv", "fc1"],
+        alpha_pattern={"Wqkv": 64},
+        rank_pattern={"transformer.h.1.mlp.fc1": 2},
+        init_lora_weights=False,
+    )
+    trained = get_peft_model(original("msft", state), lora)
+    trained.save_pretrained(tmp_path / "adapter")
+    expected = reference_logits(trained.merge_and_unload().state_dict(), CFG, IDS)
+    for src, out in (("base", "base-out"), ("adapter", "adapter-out")):
+        code, _, err = cli("apply", "--source", tmp_path / src, "--out", tmp_path / out, "--quiet")
+        assert code == 0, err
+    config = json.loads((tmp_path / "adapter-out" / "adapter_config.json").read_text())
+    assert config["alpha_pattern"] == {"(?:q_proj|k_proj|v_proj)": 64}
+    assert config["rank_pattern"] == {"model.layers.1.mlp.fc1": 2}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base-out", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(model, tmp_path / "adapter-out").eval()
+    with torch.no_grad():
+        assert (adapted(IDS[None]).logits[0] - expected).abs().max().item() <= 1e-5
+    verify = ["verify", "--source", tmp_path / "adapter", tmp_path / "adapter-out"]
+    base = ["--base", tmp_path / "base", tmp_path / "base-out"]
+    assert cli(*verify, *base)[0] == 0
+    config["alpha_pattern"] = {"Wqkv": 64}  # as the old conversion left it: matches no module of today's Phi
+    (tmp_path / "adapter-out" / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = cli(*verify, *base)
+    assert code == 1 and "layer 0 attention diverges" in err, err

@@ -120,6 +120,13 @@ class Op(ABC):
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Apply a bound op to real tensors."""
 
+    def fill(self, specs: list[Spec | None]) -> list[Spec]:
+        """The inputs with a spec of zeros standing in for each absent one (``absent: zeros``), where the op
+        can tell their shape; raises :class:`OpError` where it cannot."""
+        if any(s is None for s in specs):
+            raise OpError(f"{self} cannot stand zeros in for an absent input")
+        return [s for s in specs if s is not None]
+
 
 @dataclass(frozen=True)
 class Split(Op):
@@ -190,6 +197,12 @@ class Concat(Op):
 
     def leaves(self, count: int) -> int:
         return 1
+
+    def fill(self, specs: list[Spec | None]) -> list[Spec]:
+        present = [s for s in specs if s is not None]
+        if len({s.shape for s in present}) != 1:
+            raise OpError(f"{self} stands zeros in for an absent input only where the inputs present agree in shape")
+        return [s or present[0] for s in specs]
 
     def infer(self, specs: list[Spec]) -> list[Spec]:
         first = specs[0]
@@ -382,4 +395,80 @@ class Repeat(Op):
         return f"repeat({self.times})"
 
 
-OPS: dict[str, type[Op]] = {cls.name: cls for cls in (Split, Concat, View, Reshape, Transpose, Permute, Cast, Repeat)}
+@dataclass(frozen=True)
+class BlockDiagonal(Op):
+    """Matrices on the diagonal of one, zeros elsewhere: the B matrices of LoRA parts fused into one module
+    (their A matrices stacked by ``concat``), so that B·A of the whole is each part's B·A on its rows."""
+
+    name: ClassVar[str] = "block_diagonal"
+    rows: tuple[expr.Node, ...] | None
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        if arg.get("rows") is None:
+            return cls(None)
+        if len(arg["rows"]) != ctx.count:
+            ctx.error(ctx.path, f"block_diagonal gives {len(arg['rows'])} row counts for {ctx.count} inputs")
+        nodes = [ctx.parse((*ctx.path, "block_diagonal", "rows", i), r) for i, r in enumerate(arg["rows"])]
+        return cls(tuple(n for n in nodes if n is not None))
+
+    def leaves(self, count: int) -> int:
+        return 1
+
+    def bind(self, env: Mapping[str, expr.Value], input_shape: Shape, specs: list[Spec]) -> Op:
+        return self if self.rows is None else replace(self, rows=_consts(_ints(self.rows, env)))
+
+    def fill(self, specs: list[Spec | None]) -> list[Spec]:
+        present = [s for s in specs if s is not None]
+        if self.rows is None or len({s.shape[1:] for s in present}) != 1:
+            raise OpError(f"{self} stands zeros in for an absent input only with rows given and equal column counts")
+        rows = _values(self.rows)
+        return [s or Spec((rows[i], *present[0].shape[1:]), present[0].dtype) for i, s in enumerate(specs)]
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        if any(len(s.shape) != 2 for s in specs) or len({s.dtype for s in specs}) != 1:
+            got = ", ".join(f"{list(s.shape)} {s.dtype}" for s in specs)
+            raise OpError(f"{self} needs matrices of one dtype, got {got}")
+        rows = _values(self.rows) if self.rows is not None else tuple(s.shape[0] for s in specs)
+        if list(rows) != [s.shape[0] for s in specs]:
+            raise OpError(f"{self}: the inputs have {[s.shape[0] for s in specs]} rows")
+        return [Spec((sum(rows), sum(s.shape[1] for s in specs)), specs[0].dtype)]
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        return [torch.block_diag(*tensors)]  # type: ignore[no-untyped-call]
+
+    def __str__(self) -> str:
+        return f"block_diagonal(rows={list(_values(self.rows))})" if self.rows is not None else "block_diagonal"
+
+
+@dataclass(frozen=True)
+class Zeros(Op):
+    """Zeros standing in for an absent input (``absent: zeros``); the planner makes it, no rule names it."""
+
+    name: ClassVar[str] = "zeros"
+    spec: Spec
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        raise NotImplementedError("zeros is made by the planner, not written in rules")
+
+    def leaves(self, count: int) -> int:
+        return 1
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        return [self.spec]
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        return [torch.zeros(self.spec.shape, dtype=getattr(torch, self.spec.dtype))]
+
+    def __str__(self) -> str:
+        return f"zeros({', '.join(map(str, self.spec.shape))})"
+
+
+OPS: dict[str, type[Op]] = {
+    cls.name: cls for cls in (Split, Concat, View, Reshape, Transpose, Permute, Cast, Repeat, BlockDiagonal)
+}

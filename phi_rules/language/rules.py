@@ -72,6 +72,7 @@ class AdapterSpec:
     paths: Mapping[str, str]  # literal pieces of regex target_modules, e.g. 'transformer\.h' -> 'model\.layers'
     layers_pattern: str | None
     settable: tuple[str, ...]
+    fused: Mapping[str, int] = field(default_factory=dict)  # fused target module -> how many parts it joins
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class Transform:
     ops: tuple[Op, ...]
     to: tuple[template.Template, ...]
     when: expr.Node | None
+    absent: bool = False  # ``absent: zeros``: an input may be missing; the first op stands zeros in for it
 
 
 Step = Rename | Drop | Transform
@@ -362,8 +364,10 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
     raw = data["target"]
     assert isinstance(raw, dict)
     config: dict[str, expr.Node] = {}
-    for key, value in raw["config"].items():
-        node = c.parse_expr(("target", "config", key), value, source_names)
+    known = dict(source_names)
+    for key, value in raw["config"].items():  # each value may read the target values above it
+        node = c.parse_expr(("target", "config", key), value, known)
+        known.setdefault(key, "target config")
         if node is not None:
             config[key] = node
     copy = tuple(raw.get("copy", ()))
@@ -394,6 +398,7 @@ def _adapter_spec(raw: dict[str, Any] | None) -> AdapterSpec | None:
         dict(raw.get("paths", {})),
         raw.get("layers_pattern"),
         tuple(raw.get("settable", ())),
+        {str(k): int(v) for k, v in raw.get("fused", {}).items()},
     )
 
 
@@ -463,7 +468,22 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
     tos = [c.parse_template((*path, kind, "to"), str(t), first, known) for t in outs]
     if any(p is None for p in patterns) or any(t is None for t in tos):
         return None
-    return Transform(name, where, optional, tuple(patterns), tuple(built), tuple(tos), when)  # type: ignore[arg-type]
+    absent = _absent(c, (*path, kind), body, len(texts), built)
+    return Transform(name, where, optional, tuple(patterns), tuple(built), tuple(tos), when, absent)  # type: ignore[arg-type]
+
+
+def _absent(c: _Checker, path: YPath, body: dict[str, Any], inputs: int, built: list[Op]) -> bool:
+    """``absent: zeros`` is checked here: it needs several inputs and a first op that can stand zeros in."""
+    if "absent" not in body:
+        return False
+    if inputs < 2:
+        c.error((*path, "absent"), "absent: zeros needs several inputs (one may then be missing)")
+    elif built and type(built[0]).fill is Op.fill:
+        c.error(
+            (*path, "absent"),
+            f"absent: zeros needs a first op that can stand zeros in (concat, block_diagonal), not {built[0].name}",
+        )
+    return True
 
 
 def _short_transform(
@@ -504,7 +524,8 @@ def _short_transform(
         tos.append(c.parse_template((*path, "transform", "to"), to, patterns[0], placeholders))
     if any(p is None for p in patterns) or any(t is None for t in tos):
         return None
-    return Transform(name, c.where(path), optional, tuple(patterns), tuple(built), tuple(tos), None)  # type: ignore[arg-type]
+    absent = _absent(c, (*path, "transform"), body, len(froms), built)
+    return Transform(name, c.where(path), optional, tuple(patterns), tuple(built), tuple(tos), None, absent)  # type: ignore[arg-type]
 
 
 def _short_pairs(

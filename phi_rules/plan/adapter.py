@@ -3,12 +3,16 @@
 A rule's ``target.adapter`` says how module names map (``Wqkv`` → ``q_proj``, ``k_proj``,
 ``v_proj``; ``out_proj`` → ``dense``; …), what replaces the layout's path pieces in regex
 ``target_modules`` (``transformer\\.h`` → ``model\\.layers``), and which fields a user may set with
-``--set`` (``base_model_name_or_path``). Everything else — ``r``, ``lora_alpha``, ``use_rslora``,
-``use_dora``, dropout — is kept.
+``--set`` (``base_model_name_or_path``). The keys of ``rank_pattern`` and ``alpha_pattern`` are rewritten
+like regex target modules. A module that fuses parts (``fused``: q, k and v into ``qkv_proj``) has the
+parts' A matrices stacked and B block-diagonal, so its rank is parts * r; its alpha keeps the scale
+(parts * alpha, or sqrt(parts) * alpha with rsLoRA, whose scale is alpha / sqrt(r)); both go to the patterns.
+Everything else — ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``, dropout — is kept.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -28,18 +32,60 @@ def _names(value: list[str], spec: AdapterSpec, key: str, problems: list[str]) -
 
 
 def _regex(value: str, spec: AdapterSpec) -> str:
-    """A regex over module names: path pieces replaced, each mapped name replaced by the alternation of its targets."""
+    """A regex over module names: path pieces replaced, each mapped name replaced by its target (or the
+    alternation of its targets)."""
     for old, new in spec.paths.items():
         value = value.replace(old, new)
     for old, new_names in spec.modules.items():
-        value = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(old)}(?![A-Za-z0-9_])", "(?:" + "|".join(new_names) + ")", value)
+        new = new_names[0] if len(new_names) == 1 else "(?:" + "|".join(new_names) + ")"
+        value = re.sub(rf"(?<![A-Za-z0-9_]){re.escape(old)}(?![A-Za-z0-9_])", new.replace("\\", "\\\\"), value)
     return value
 
 
+def _peft_matches(key: str, module: str) -> bool:
+    """Whether a rank_pattern or alpha_pattern key applies to a module, as PEFT decides it."""
+    try:
+        return re.match(rf"(.*\.)?({key})$", module) is not None
+    except re.error:
+        return False
+
+
+def _patterns(config: dict[str, Any], spec: AdapterSpec, modules: list[str], problems: list[str]) -> None:
+    """Rewrite the pattern keys; give each fused module the rank and alpha that keep its parts' scale."""
+    parts = {name for name, targets in spec.modules.items() if set(targets) & set(spec.fused)}
+    for field in ("rank_pattern", "alpha_pattern"):
+        value = config.get(field) or {}
+        if not isinstance(value, dict):
+            problems.append(f"{field}: expected a mapping of module patterns to numbers, not {value!r}")
+            continue
+        for key in value:
+            hit = next((m for m in modules if m.rsplit(".", 1)[-1] in parts and _peft_matches(key, m)), None)
+            if hit is not None:
+                problems.append(
+                    f"{field}: {key!r} sets {hit} apart from the other parts of its fused module; fusing needs "
+                    "one rank and alpha for all of them"
+                )
+        config[field] = {_regex(str(k), spec): v for k, v in value.items()}
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if not spec.fused or not isinstance(r, int) or not isinstance(alpha, int | float):
+        return
+    present = {spec.modules[m.rsplit(".", 1)[-1]][0] for m in modules if m.rsplit(".", 1)[-1] in parts}
+    for module, n in spec.fused.items():
+        if module not in present:  # PEFT warns about a pattern key that matches no module
+            continue
+        config["rank_pattern"][module] = n * r
+        config["alpha_pattern"][module] = alpha * (math.sqrt(n) if config.get("use_rslora") else n)
+
+
 def converted(
-    raw: Mapping[str, Any] | None, spec: AdapterSpec, overrides: Mapping[str, object], where: Diagnostic
+    raw: Mapping[str, Any] | None,
+    spec: AdapterSpec,
+    overrides: Mapping[str, object],
+    where: Diagnostic,
+    tensors: list[str],
 ) -> tuple[dict[str, Any], list[Diagnostic]]:
-    """The adapter_config.json for the converted adapter, and the problems found (located at ``where``)."""
+    """The adapter_config.json for the converted adapter, and the problems found (located at ``where``);
+    ``tensors`` are the source adapter's tensor names, whose modules the pattern keys are matched on."""
     if raw is None:
         return {}, [Diagnostic("the adapter has no adapter_config.json", where.file, where.line, where.column)]
     problems: list[str] = []
@@ -54,6 +100,8 @@ def converted(
             config[key] = _names(value, spec, key, problems)
         elif value is not None:
             problems.append(f"{key}: expected a list or a regular expression, not {value!r}")
+    modules = sorted({n.removeprefix("base_model.model.").split(".lora_")[0] for n in tensors})
+    _patterns(config, spec, modules, problems)
     if config.get("layers_pattern") is not None and spec.layers_pattern is not None:
         config["layers_pattern"] = spec.layers_pattern
     config["auto_mapping"] = None  # it named the original remote-code class; the base is now a transformers class

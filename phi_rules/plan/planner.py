@@ -142,13 +142,19 @@ class Plan:
 
 
 def source_config(
-    rules: Rules, found: Mapping[str, object] | None, overrides: Mapping[str, expr.Value]
+    rules: Rules,
+    found: Mapping[str, object] | None,
+    overrides: Mapping[str, expr.Value],
+    base: Mapping[str, object] | None = None,
 ) -> dict[str, expr.Value]:
-    """Declared source fields: the source's config.json where it has them, else the rule's defaults."""
+    """Declared source fields: the source's config.json where it has them, else an adapter's base model's
+    (``--base``), else the rule's defaults."""
     values = dict(rules.source.config_defaults)
     for key in values:
-        if found is not None and key in found:
-            values[key] = found[key]  # type: ignore[assignment]
+        for config in (found, base):
+            if config is not None and key in config:
+                values[key] = config[key]  # type: ignore[assignment]
+                break
     values.update({k: v for k, v in overrides.items() if k in rules.source.config_defaults})
     return values
 
@@ -163,9 +169,10 @@ def target_config(
 ) -> dict[str, expr.Value]:
     """Target config values: ``copy`` fields the source has, then the expressions; ``--set`` wins for target keys."""
     values: dict[str, expr.Value] = {k: found[k] for k in rules.target.copy if found and k in found}  # type: ignore[misc]
-    for key, node in rules.target.config.items():
+    computed: dict[str, expr.Value] = {}
+    for key, node in rules.target.config.items():  # a name reads the target value above it, else the source's
         try:
-            values[key] = expr.evaluate(node, src, shapes)
+            values[key] = computed[key] = expr.evaluate(node, {**src, **computed}, shapes)
         except expr.ExprError as exc:
             problems.append(rules.target.config_where[key].error(f"cannot compute {key}: {exc.message}", "plan"))
     settable = rules.target.adapter.settable if rules.target.adapter else ()
@@ -264,7 +271,9 @@ class _Planner:
             self._insert(step, out, new, entry, name)
         return hits, out
 
-    def _groups(self, step: Transform, entries: Mapping[str, Entry]) -> list[list[tuple[str, re.Match[str]]]]:
+    def _groups(self, step: Transform, entries: Mapping[str, Entry]) -> list[list[tuple[str, re.Match[str]] | None]]:
+        """The inputs of each application, one per pattern, joined on equal named groups; ``None`` for a
+        missing input where the step allows it (``absent: zeros``)."""
         per_pattern = [[(n, m) for n in entries if (m := p.fullmatch(n))] for p in step.patterns]
         if len(step.patterns) == 1:
             return [[hit] for hit in per_pattern[0]]
@@ -274,32 +283,50 @@ class _Planner:
             for name, m in hits:
                 slots = keyed.setdefault(tuple(m.group(g) for g in common), [[] for _ in step.patterns])
                 slots[i].append((name, m))
-        groups = []
+        groups: list[list[tuple[str, re.Match[str]] | None]] = []
         for key, slots in keyed.items():
             label = ", ".join(f"{g}={v}" for g, v in zip(common, key, strict=True)) or "the whole state dict"
-            if any(len(s) != 1 for s in slots):
+            if any(len(s) > 1 or (not s and not step.absent) for s in slots):
                 counts = ", ".join(f"match[{i}]: {[n for n, _ in s] or 'nothing'}" for i, s in enumerate(slots))
                 self.problem(step, f"needs exactly one tensor per pattern for {label}, found {counts}")
                 continue
-            groups.append([s[0] for s in slots])
+            groups.append([s[0] if s else None for s in slots])
         return groups
+
+    @staticmethod
+    def _zeros(
+        step: str, group: list[tuple[str, re.Match[str]] | None], specs: list[ops.Spec], present: Iterator[Value]
+    ) -> list[Value]:
+        """The inputs in order, a computation of zeros in the place of each absent one."""
+        return [
+            next(present) if hit is not None else Pick(Computation(step, (), (ops.Zeros(spec),), 1), 0)
+            for hit, spec in zip(group, specs, strict=True)
+        ]
 
     def transform(self, step: Transform, entries: dict[str, Entry]) -> tuple[list[str], dict[str, Entry]]:
         produced: dict[str, list[tuple[str, Entry]]] = {}  # first input name -> outputs
         consumed: set[str] = set()
         hits: list[str] = []
         for group in self._groups(step, entries):
-            names = [n for n, _ in group]
-            first_match = group[0][1]
+            present = [hit for hit in group if hit is not None]
+            names = [n for n, _ in present]
+            first_match = present[0][1]
             try:
                 env = {**self.env, **template.group_env(first_match)}
                 if not self._when(step, template.group_env(first_match)):
                     continue
                 inputs = [entries[n] for n in names]
                 specs = [ops.Spec(e.shape, e.dtype) for e in inputs]
-                bound = []
+                given = [
+                    None if hit is None else ops.Spec(entries[hit[0]].shape, entries[hit[0]].dtype) for hit in group
+                ]
+                values: list[Value] = [e.value for e in inputs]
+                bound: list[ops.Op] = []
                 for op in step.ops:
                     b = op.bind(env, inputs[0].shape, specs)
+                    if not bound and len(present) < len(group):
+                        specs = b.fill(given)
+                        values = self._zeros(step.name, group, specs, iter(values))
                     specs = b.infer(specs)
                     bound.append(b)
                 outs = [tpl.render(first_match, env) for tpl in step.to]
@@ -311,7 +338,7 @@ class _Planner:
                 continue
             hits.extend(names)
             consumed.update(names)
-            comp = Computation(step.name, tuple(e.value for e in inputs), tuple(bound), len(specs))
+            comp = Computation(step.name, tuple(values), tuple(bound), len(specs))
             history = (*dict.fromkeys(s for e in inputs for s in e.steps), step.name)
             produced[names[0]] = [
                 (out, Entry(Pick(comp, i), spec.shape, spec.dtype, history))
@@ -332,16 +359,18 @@ def make_plan(
     found_config: Mapping[str, object] | None,
     overrides: Mapping[str, expr.Value] | None = None,
     dtype: str | None = None,
+    base: Mapping[str, object] | None = None,
 ) -> Plan:
-    """Plan ``rules`` over source tensor metadata; problems land in ``Plan.problems``."""
+    """Plan ``rules`` over source tensor metadata; problems land in ``Plan.problems``. ``base``: an adapter's
+    base model's config, for the fields the adapter's own config lacks."""
     overrides = overrides or {}
     problems: list[Diagnostic] = []
-    src = source_config(rules, found_config, overrides)
+    src = source_config(rules, found_config, overrides, base)
     shapes = {n: i.shape for n, i in tensors.items()}
     config = target_config(rules, src, found_config, overrides, problems, shapes)
     entries = {n: Entry(i, i.shape, i.dtype, ()) for n, i in tensors.items()}
     env = let_values(rules, {**config, **src}, problems, shapes)  # a field both sides name: the source's value
-    problems[:0] = refusals(rules, env, shapes)  # the reason comes first: what follows is often its consequence
+    problems[:0] = refusals(rules, env, shapes)
     final = _Planner(rules, env, problems).run(entries)
     out_dtype = dtype or (None if rules.target.dtype == "keep" else rules.target.dtype)
     untouched = [n for n, e in final.items() if not e.steps]
@@ -363,7 +392,9 @@ def make_plan(
         from phi_rules.plan.adapter import converted
 
         where = rules.where_target.error("")
-        adapter_config, adapter_problems = converted(found_config, rules.target.adapter, overrides, where)
+        adapter_config, adapter_problems = converted(
+            found_config, rules.target.adapter, overrides, where, list(tensors)
+        )
         problems += adapter_problems
     target_keys = tuple(k for k in overrides if k not in rules.source.config_defaults)
     problems[:0] = override_types(rules, found_config, overrides)
@@ -373,7 +404,10 @@ def make_plan(
             uses[name] = expr.evaluate(node, env, shapes)
         except expr.ExprError as exc:
             problems.append(rules.target.uses_where[name].error(f"cannot compute {name}: {exc.message}", "plan"))
-    return Plan(rules, src, config, planned, list(tensors), problems, untouched, adapter_config, target_keys, uses)
+    held = [p for p in problems if p.code == "refused"]  # what else went wrong is its consequence: the reason alone
+    return Plan(
+        rules, src, config, planned, list(tensors), held or problems, untouched, adapter_config, target_keys, uses
+    )
 
 
 def override_types(

@@ -54,6 +54,7 @@ class ResolvedSource:
     files: tuple[FileSpec, ...] = ()  # for hub sources: the weight files as named in the repository
     absent: tuple[str, ...] = ()  # extra files the source lacks (said in a note by ``resolve``)
     where: str = ""  # where they were looked for
+    base_config: Path | None = None  # an adapter's base model's config.json (--base): fields the adapter lacks
 
     def has_tokenizer(self) -> bool:
         """Whether the extra files make a tokenizer that transformers (and so vLLM, llama.cpp) can load."""
@@ -61,15 +62,21 @@ class ResolvedSource:
         return bool({"tokenizer.json", "tokenizer.model"} & names) or {"vocab.json", "merges.txt"} <= names
 
     def config(self) -> dict[str, Any] | None:
-        if self.config_path is None:
-            return None
-        try:
-            data = json.loads(self.config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PhiRulesError(f"{self.config_path}: cannot read the source config: {exc}") from None
-        if not isinstance(data, dict):
-            raise PhiRulesError(f"{self.config_path}: the source config is not a JSON object")
-        return data
+        return _json_object(self.config_path, "source") if self.config_path is not None else None
+
+    def base(self) -> dict[str, Any] | None:
+        """An adapter's base model's config (``--base``): the fields a rule reads that the adapter lacks."""
+        return _json_object(self.base_config, "base model's") if self.base_config is not None else None
+
+
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PhiRulesError(f"{path}: cannot read the {what} config: {exc}") from None
+    if not isinstance(data, dict):
+        raise PhiRulesError(f"{path}: the {what} config is not a JSON object")
+    return data
 
 
 # --- local folders ---------------------------------------------------------------------------------
@@ -396,7 +403,24 @@ def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
         files, notes = resolve_tokenizer(opts.tokenizer, opts)
         kept = tuple(p for p in resolved.extras if p.name not in TOKENIZER_FILES)
         resolved = replace(resolved, extras=kept + files, notes=resolved.notes + notes)
-    return _noting_absent(resolved, opts)
+    return _noting_absent(_with_base(resolved, opts), opts)
+
+
+def _with_base(resolved: ResolvedSource, opts: SourceOptions) -> ResolvedSource:
+    """``--base``: the config.json of an adapter's base model, from its folder or hub repository."""
+    if opts.base is None:
+        return resolved
+    folder, hub = source_argument(opts.base)
+    if folder is not None:
+        if not (folder / "config.json").is_file():
+            raise PhiRulesError(f"--base {opts.base}: no config.json there (the base model's folder is needed)")
+        return replace(resolved, base_config=folder / "config.json")
+    m = _HUB_ID.fullmatch(str(hub))
+    assert m is not None
+    repo, revision = m.group("repo"), m.group("revision") or "main"
+    path = _required(repo, opts, revision, FileSpec("config.json"))
+    note = f"base config from {repo}@{_commit_of(path, 'config.json')}"
+    return replace(resolved, base_config=path, notes=(*resolved.notes, note))
 
 
 def _noting_absent(resolved: ResolvedSource, opts: SourceOptions) -> ResolvedSource:
@@ -432,7 +456,7 @@ def remote_tensors(
     """Tensor metadata of hub safetensors files from their headers alone (HTTP range requests)."""
     from huggingface_hub import HfApi
 
-    resolved = _noting_absent(resolve_hub(rules, opts, weights=False), opts)
+    resolved = _noting_absent(_with_base(resolve_hub(rules, opts, weights=False), opts), opts)
     hub = _hub(rules, opts)
     revision = str(resolved.revision)
     api = HfApi(token=opts.token)

@@ -31,7 +31,7 @@ def verify(
     """The source against the output, by the reference that fits the source's layout."""
     if layout_name in LAYOUTS:
         return verify_legacy(source, layout_name, config, out, tol, adapters)
-    if layout_name in OWN_CLASS_LAYOUTS and adapters is None:
-        return verify_own_class(source[0].parent, out, tol)
+    if layout_name in OWN_CLASS_LAYOUTS:
+        return verify_own_class(source[0].parent, out, tol, adapters)
     known = ", ".join([*LAYOUTS, *OWN_CLASS_LAYOUTS])
     raise PhiRulesError(f"no reference forward for layout {layout_name!r}: verify knows {known}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -22,20 +23,34 @@ TOKENS = 16
 
 class Adapter:
     """A PEFT LoRA/DoRA adapter folder applied to the weights it names, as PEFT merges it:
-    W' = W + s·B·A with s = lora_alpha / r (or / sqrt(r) with rsLoRA); DoRA then rescales each output
-    row to its magnitude: W'' = m / ||W'||_row · W'. Used on both sides, each by its own names."""
+    W' = W + s·B·A with s = alpha / r (or / sqrt(r) with rsLoRA), r and alpha of each module from
+    ``rank_pattern`` and ``alpha_pattern`` where a key matches it (the first that does, as PEFT picks it);
+    DoRA then rescales each output row to its magnitude: W'' = m / ||W'||_row · W'. Used on both sides,
+    each by its own names."""
 
     def __init__(self, folder: Path, stack: ExitStack) -> None:
         try:
             config = json.loads((folder / "adapter_config.json").read_text())
-            r, alpha = int(config["r"]), float(config["lora_alpha"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.r, self.alpha = int(config["r"]), float(config["lora_alpha"])
+            self.ranks = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
+            self.alphas = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise PhiRulesError(f"{folder}: not a PEFT adapter folder (adapter_config.json: {exc})") from None
-        self.scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        self.rslora = bool(config.get("use_rslora"))
         files = [f for f in (folder / "adapter_model.safetensors", folder / "adapter_model.bin") if f.is_file()]
         if not files:
             raise PhiRulesError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
         self.ckpt = stack.enter_context(Checkpoint(files[:1]))
+
+    def scale(self, module: str) -> float:
+        """s for one module (``model.layers.0.self_attn.qkv_proj``), by PEFT's rule for pattern keys."""
+
+        def pick(patterns: dict[str, Any], default: Any) -> Any:
+            key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+            return default if key is None else patterns[key]
+
+        r, alpha = pick(self.ranks, self.r), pick(self.alphas, self.alpha)
+        return float(alpha / (math.sqrt(r) if self.rslora else r))
 
     def apply(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         module = "base_model.model." + name.removesuffix(".weight")
@@ -45,7 +60,8 @@ class Adapter:
         b = self.ckpt.tensors.get(module + ".lora_B.weight")
         if b is None:
             raise PhiRulesError(f"the adapter has {module}.lora_A.weight but no lora_B")
-        merged = weight + self.scale * (self.ckpt.load(b).float() @ self.ckpt.load(a).float())
+        scale = self.scale(name.removesuffix(".weight"))
+        merged = weight + scale * (self.ckpt.load(b).float() @ self.ckpt.load(a).float())
         magnitude = self.ckpt.tensors.get(module + ".lora_magnitude_vector")
         if magnitude is not None:
             merged = merged * (self.ckpt.load(magnitude).float() / merged.norm(dim=1))[:, None]

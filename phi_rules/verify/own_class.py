@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi_rules.errors import PhiRulesError
-from phi_rules.verify.common import TOKENS, Converted, Report, Row, delta, tolerance
+from phi_rules.verify.common import TOKENS, Adapter, Converted, Report, Row, delta, tolerance
 
 if TYPE_CHECKING:
     import torch
@@ -49,8 +49,9 @@ def _final_norm(model: Any) -> tuple[Any, str]:
     return model.model.final_layernorm, "model.final_layernorm."
 
 
-def verify_own_class(source: Path, out: Path, tol: float) -> Report:
-    """Compare the source folder, run by transformers' class for its own architecture, with the output."""
+def verify_own_class(source: Path, out: Path, tol: float, adapters: tuple[Path, Path] | None = None) -> Report:
+    """Compare the source folder, run by transformers' class for its own architecture, with the output;
+    ``adapters``: the original adapter folder and its conversion, merged into each side's weights by its names."""
     import torch
 
     if not (source / "config.json").is_file():
@@ -61,7 +62,8 @@ def verify_own_class(source: Path, out: Path, tol: float) -> Report:
         rows.append(Row(part, delta(ref, got), tol * max(1.0, ref.abs().max().item()), hint))
 
     with torch.no_grad(), ExitStack() as stack:
-        src, conv = Converted(source, stack), Converted(out, stack)
+        original, converted = (Adapter(a, stack) for a in adapters) if adapters else (None, None)
+        src, conv = Converted(source, stack, original), Converted(out, stack, converted)
         tol = tolerance(tol, src.files, conv.files)
         arch = json.loads((source / "config.json").read_text()).get("architectures", ["?"])[0]
         a, b = src.model.model, conv.model.model

@@ -46,7 +46,7 @@ class Executor:
             tensors = [self._value(inp) for inp in comp.inputs]
             for op in comp.ops:
                 tensors = op.run(tensors)
-            self.cache[comp] = tensors
+            self.cache[comp] = [t.to(self.device) for t in tensors]  # zeros for an absent input start on the CPU
         result = self.cache[comp][value.index]
         self.uses[comp] -= 1
         if self.uses[comp] <= 0:
