@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from phi_modules import MixFormerSequential, PhiMsft, from_mixformer
-from phi_reference import IDS, MsftConfig, random_state, reference_logits, to_mixformer, write_checkpoint
-from safetensors.torch import load_file
+from phi_reference import (
+    IDS,
+    PHI_MAPPING,
+    MsftConfig,
+    config_436,
+    random_state,
+    reference_logits,
+    to_mixformer,
+    to_transformers_436,
+    write_checkpoint,
+)
+from safetensors.torch import load_file, save_file
 
 peft = pytest.importorskip("peft", reason="adapters need the peft extra")
 
@@ -197,3 +207,69 @@ def test_rank_and_alpha_patterns_convert_with_their_modules(cli, tmp_path: Path)
     (tmp_path / "adapter-out" / "adapter_config.json").write_text(json.dumps(config))
     code, _, err = cli(*verify, *base)
     assert code == 1 and "layer 0 attention diverges" in err, err
+
+
+def _as_436(folder: Path, out: Path) -> None:
+    """A phi-msft adapter as it reads on the transformers 4.36 model: 4.36 names, and B's rows (DoRA's magnitude)
+    in the seed's per-head interleave, like the query_key_value weight they add to."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    moved = {}
+    for name, t in tensors.items():
+        if ".Wqkv.lora_B" in name:
+            t = t.view(3, CFG.n_head, -1, t.shape[1]).transpose(0, 1).reshape(t.shape)
+        elif ".Wqkv.lora_magnitude_vector" in name:
+            t = t.view(3, CFG.n_head, -1).transpose(0, 1).reshape(t.shape)
+        for old, new in PHI_MAPPING.items():
+            if old != "ln":  # the seed's mapping of layer norms; no adapter name has it
+                name = name.replace(old, new)
+        moved[name] = t.contiguous()
+    out.mkdir()
+    save_file(moved, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = [PHI_MAPPING.get(m, m) for m in config["target_modules"]]
+    config["alpha_pattern"] = {PHI_MAPPING.get(k, k): v for k, v in config["alpha_pattern"].items()}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_transformers_436_adapter_converts_with_its_base(cli, tmp_path: Path, dora: bool) -> None:
+    """query_key_value's B rows are de-interleaved per head, with the head count from --base."""
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = random_state(CFG, seed=10)
+    base = write_checkpoint(tmp_path / "base", to_transformers_436(state, CFG), None)
+    (base / "config.json").write_text(json.dumps(config_436(CFG)))
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["Wqkv", "out_proj", "fc2"],
+        alpha_pattern={"Wqkv": 24},
+        use_dora=dora,
+        init_lora_weights=False,
+    )
+    trained = get_peft_model(original("msft", state), lora)
+    if dora:
+        with torch.no_grad():
+            for name, p in trained.named_parameters():
+                if "magnitude" in name:
+                    p.mul_(torch.rand_like(p) + 0.5)
+    trained.save_pretrained(tmp_path / "msft-adapter")
+    expected = reference_logits(trained.merge_and_unload().state_dict(), CFG, IDS)
+    _as_436(tmp_path / "msft-adapter", tmp_path / "adapter")
+
+    out = tmp_path / "adapter-out"
+    code, _, err = cli("apply", "--source", tmp_path / "adapter", "--out", out)
+    assert code == 1 and not out.exists() and "pass --base BASE" in err, err
+    code, _, err = cli("apply", "--source", tmp_path / "adapter", "--out", out, "--base", base)
+    assert code == 0, err
+    assert cli("apply", "--source", base, "--out", tmp_path / "base-out", "--quiet")[0] == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base-out", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(model, out).eval()
+    written = load_file(out / "adapter_model.safetensors")
+    assert sorted(written) == sorted(get_peft_model_state_dict(adapted))  # PEFT loads every tensor written
+    with torch.no_grad():
+        assert (adapted(IDS[None]).logits[0] - expected).abs().max().item() <= 1e-5
+    verify = ["verify", "--source", tmp_path / "adapter", out, "--base", base, tmp_path / "base-out"]
+    code, _, err = cli(*verify)
+    assert code == 0, err

@@ -41,7 +41,7 @@ def transformers_436(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConf
     return folder
 
 
-CANDIDATES = 13  # 3 legacy layouts, 2 legacy adapter layouts, today's Phi, Phi3 to Llama/Mistral and back, 2024 Phi3,
+CANDIDATES = 14  # 3 legacy layouts, 3 legacy adapter layouts, today's Phi, Phi3 to Llama/Mistral and back, 2024 Phi3,
 # Phi3 adapters to Llama's names and back
 
 
