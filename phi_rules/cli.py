@@ -24,6 +24,7 @@ examples:
   phi-rules detect ./my-phi-checkpoint          which rule fits, and why the others do not
   phi-rules apply --source ./phi-4 --to llama --out phi-4-llama     Phi-3/Phi-4 to Llama (or mistral)
   phi-rules apply --source ./phi-4-llama --to phi3 --out phi-4      and back
+  phi-rules apply --source ./my-llama-lora --to phi3 --base ./phi-4-llama --out my-lora    an adapter, fused
   phi-rules verify --source ./my-phi-checkpoint converted         prove the output by its function
   phi-rules apply phi-2 --out phi-2             a shipped rule by name: download at the pinned revision
   phi-rules plan phi-2 --source ./ckpt          dry run: what would be written, from headers only
@@ -96,8 +97,9 @@ def _device(text: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phi-rules",
-        description="Convert original Microsoft Phi checkpoints (phi-1, phi-1.5, phi-2 and fine-tunes) into "
-        "Hugging Face transformers models, driven by declarative YAML rule files.",
+        description="Convert original Microsoft Phi checkpoints (phi-1, phi-1.5, phi-2, fine-tunes and their LoRA "
+        "adapters) into Hugging Face transformers models, and move Phi-3/Phi-4 models and adapters between Phi3 and "
+        "the Llama/Mistral layouts, exactly or refused with the reason; driven by declarative YAML rule files.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
