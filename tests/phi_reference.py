@@ -2,7 +2,8 @@
 
 Nothing here comes from phi_rules or transformers: it is the independent side of the logits tests.
 Block: one LayerNorm, then attention and MLP in parallel, both added to the residual. Attention
-uses a fused ``Wqkv`` whose rows are [all q; all k; all v] (heads inside each) and rotary
+uses a fused ``Wqkv`` whose rows are [all q; all k; all v] (heads inside each; with ``n_head_kv``, fewer
+key/value heads, each serving consecutive query heads) and rotary
 embeddings (rotate-half, base 10000) on the first ``rotary_dim`` dims of each head. Head:
 ``lm_head.ln`` then ``lm_head.linear`` with bias.
 """
@@ -27,12 +28,17 @@ class MsftConfig:
     n_head: int = 4
     rotary_dim: int = 8
     n_inner: int | None = None
+    n_head_kv: int | None = None  # grouped-query attention: fewer key/value heads than query heads
     n_positions: int = 64
     layer_norm_epsilon: float = 1e-5
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head_kv or self.n_head
 
     def to_json(self) -> dict[str, object]:
         """A config.json as the original repos shipped it (model_type phi-msft)."""
@@ -44,7 +50,7 @@ class MsftConfig:
             "n_embd": self.n_embd,
             "n_layer": self.n_layer,
             "n_head": self.n_head,
-            "n_head_kv": None,
+            "n_head_kv": self.n_head_kv,
             "n_inner": self.n_inner,
             "rotary_dim": self.rotary_dim,
             "n_positions": self.n_positions,
@@ -63,6 +69,7 @@ def random_state(
     g = torch.Generator().manual_seed(seed)
     inner = cfg.n_inner or 4 * cfg.n_embd
     e = cfg.n_embd
+    qkv = e + 2 * cfg.kv_heads * cfg.head_dim
 
     def r(*shape: int, scale: float = 0.08) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
@@ -73,8 +80,8 @@ def random_state(
         state |= {
             p + "ln.weight": 1 + r(e, scale=0.1),
             p + "ln.bias": r(e, scale=0.1),
-            p + "mixer.Wqkv.weight": r(3 * e, e),
-            p + "mixer.Wqkv.bias": r(3 * e, scale=0.1),
+            p + "mixer.Wqkv.weight": r(qkv, e),
+            p + "mixer.Wqkv.bias": r(qkv, scale=0.1),
             p + "mixer.out_proj.weight": r(e, e),
             p + "mixer.out_proj.bias": r(e, scale=0.1),
             p + "mlp.fc1.weight": r(inner, e),
@@ -252,8 +259,13 @@ def reference_logits(state: dict[str, torch.Tensor], cfg: MsftConfig, ids: torch
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
         h = _layer_norm(x, s[p + "ln.weight"], s[p + "ln.bias"], eps)
-        qkv = (h @ s[p + "mixer.Wqkv.weight"].T + s[p + "mixer.Wqkv.bias"]).view(t, 3, n_head, h_dim)
-        q, k, v = _rotary(qkv[:, 0], cfg.rotary_dim), _rotary(qkv[:, 1], cfg.rotary_dim), qkv[:, 2]
+        qkv = h @ s[p + "mixer.Wqkv.weight"].T + s[p + "mixer.Wqkv.bias"]
+        kv = cfg.kv_heads * h_dim
+        q = _rotary(qkv[:, : cfg.n_embd].view(t, n_head, h_dim), cfg.rotary_dim)
+        k = _rotary(qkv[:, cfg.n_embd : cfg.n_embd + kv].view(t, cfg.kv_heads, h_dim), cfg.rotary_dim)
+        v = qkv[:, cfg.n_embd + kv :].view(t, cfg.kv_heads, h_dim)
+        # Each key/value head serves n_head / kv_heads consecutive query heads (the remote code's repeat_interleave).
+        k, v = (x.repeat_interleave(n_head // cfg.kv_heads, dim=1) for x in (k, v))
         scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(h_dim) + mask
         attn = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(t, cfg.n_embd)
         attn = attn @ s[p + "mixer.out_proj.weight"].T + s[p + "mixer.out_proj.bias"]

@@ -18,6 +18,7 @@ import phi_rules
 PHI2 = ROOT / "rules" / "phi-2.yaml"
 HEAD64 = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=2, rotary_dim=32)  # head_dim 64
 HEAD80 = MsftConfig(vocab_size=80, n_embd=160, n_layer=2, n_head=2, rotary_dim=32, n_inner=200)  # head_dim 80
+GQA = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=4, n_head_kv=2, rotary_dim=16)  # 2 KV heads of 32
 
 
 CASES = [
@@ -26,6 +27,7 @@ CASES = [
     ("sharded-bf16-head64", HEAD64, torch.bfloat16, "safetensors", 3, False),
     ("sharded-fp32-head80", HEAD80, torch.float32, "safetensors", 2, False),
     ("bin-inv_freq-fp16-head80", HEAD80, torch.float16, "bin", 1, True),
+    ("grouped-query-fp32", GQA, torch.float32, "safetensors", 1, False),
 ]
 
 

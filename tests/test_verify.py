@@ -164,3 +164,20 @@ def test_a_wrong_bfloat16_output_still_diverges(cli, tmp_path: Path) -> None:
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     code, _, err = cli("verify", "--source", src, out)
     assert code == 1 and "layer 0 attention diverges" in err, err
+
+
+def test_grouped_query_conversion_verifies_and_swapped_kv_heads_do_not(cli, tmp_path: Path) -> None:
+    """n_head_kv: the reference repeats each key/value head for its query heads, as the remote code did."""
+    gqa = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=4, n_head_kv=2, rotary_dim=16)
+    src = write_checkpoint(tmp_path / "src", random_state(gqa, seed=6), gqa)
+    out = tmp_path / "out"
+    assert cli("apply", PHI2, "--source", src, "--out", out, "--quiet")[0] == 0
+    assert cli("verify", "--source", src, out)[0] == 0
+
+    def swap_kv_heads(state: dict[str, torch.Tensor]) -> None:  # the two key heads of layer 1 exchanged
+        k = state["model.layers.1.self_attn.k_proj.weight"]
+        state["model.layers.1.self_attn.k_proj.weight"] = torch.cat([k[32:], k[:32]])
+
+    tamper(out, swap_kv_heads)
+    code, _, err = cli("verify", "--source", src, out)
+    assert code == 1 and "layer 1 attention diverges" in err, err
