@@ -22,6 +22,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from phi_rules.language import regex
+
 Value = int | float | str | bool | None
 
 
@@ -260,13 +262,14 @@ def _tensor_query(node: Call, env: Mapping[str, Value], shapes: Shapes | None) -
     ``max_index(pattern)``: the largest integer its group 1 captures over all names, else null."""
     if shapes is None:
         raise ExprError(f"{node.func}() reads source tensors: use it in target.config or let", node.offset)
-    pattern = re.compile(str(evaluate(node.args[0], {})))
+    pattern = regex.compile(str(evaluate(node.args[0], {})))
     hits = [(n, s) for n, s in shapes.items() if pattern.fullmatch(n)]
     if node.func == "dim":
         axis = _number(evaluate(node.args[1], {}), "axis of dim()")
         return next((s[int(axis)] for _, s in hits if -len(s) <= axis < len(s)), None)
-    found = [m.group(1) for n, _ in hits if (m := pattern.fullmatch(n)) and m.group(1) and m.group(1).isdigit()]
-    return max(int(v) for v in found) if found else None
+    groups = [m.group(1) for n, _ in hits if (m := pattern.fullmatch(n))]
+    found = [int(g) for g in groups if g is not None and g.isdigit()]
+    return max(found) if found else None
 
 
 def evaluate(node: Node, env: Mapping[str, Value], shapes: Shapes | None = None) -> Value:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -19,7 +18,7 @@ from typing import Any
 import jsonschema
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
-from phi_rules.language import expr, ops, reverse, shortform, template
+from phi_rules.language import expr, ops, regex, reverse, shortform, template
 from phi_rules.language.document import SCHEMA_PATH, LoadError, load_document, rule_path, shipped_reverse_names
 from phi_rules.language.located_yaml import Located
 from phi_rules.language.ops import Op
@@ -102,7 +101,7 @@ class Rename:
     name: str
     where: Where
     optional: bool
-    pairs: tuple[tuple[re.Pattern[str], template.Template], ...]  # the first pair that matches renames
+    pairs: tuple[tuple[regex.Pattern, template.Template], ...]  # the first pair that matches renames
     anywhere: bool
     when: expr.Node | None
     keeps: bool = False  # a ``keep`` step: names that stay as they are
@@ -113,7 +112,7 @@ class Drop:
     name: str
     where: Where
     optional: bool
-    pattern: re.Pattern[str]
+    pattern: regex.Pattern
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ class Transform:
     name: str
     where: Where
     optional: bool
-    patterns: tuple[re.Pattern[str], ...]
+    patterns: tuple[regex.Pattern, ...]
     ops: tuple[Op, ...]
     to: tuple[template.Template, ...]
     when: expr.Node | None
@@ -275,23 +274,15 @@ class _Checker:
             if call.func == "dim" and not isinstance(call.args[1], expr.Const):
                 self.error(path, "dim() needs a number as its axis")
 
-    def compile(self, path: YPath, text: str) -> re.Pattern[str] | None:
+    def compile(self, path: YPath, text: str) -> regex.Pattern | None:
         try:
-            compiled = re.compile(text)
-        except re.error as exc:
+            return regex.compile(text)
+        except regex.RegexError as exc:
             self.error(path, f"bad regular expression {text!r}: {exc}")
             return None
-        if _nested_repeat(text):
-            self.error(
-                path,
-                f"regular expression {text!r} nests an unbounded repeat inside another (like '(a+)+'), which can "
-                "take exponential time on a long tensor name: write it without the nesting",
-            )
-            return None
-        return compiled
 
     def parse_template(
-        self, path: YPath, text: str, pattern: re.Pattern[str] | None, known: Mapping[str, str]
+        self, path: YPath, text: str, pattern: regex.Pattern | None, known: Mapping[str, str]
     ) -> template.Template | None:
         try:
             tpl = template.parse(text)
@@ -312,33 +303,6 @@ class _Checker:
             if name.name not in known:
                 self.error(path, f"unknown name {name.name!r} in template{did_you_mean(name.name, known)}")
         return tpl
-
-
-def _nested_repeat(pattern: str) -> bool:
-    """Whether a repeat of more than one item contains an unbounded one: the shape of catastrophic backtracking."""
-    from re import _constants as c  # type: ignore[attr-defined]
-    from re import _parser  # type: ignore[attr-defined]
-
-    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT)
-
-    def children(op: Any, av: Any) -> list[Any]:
-        if op == c.SUBPATTERN:
-            return [av[-1]]
-        if op == c.BRANCH:
-            return list(av[1])
-        return [av[1]] if op in (c.ASSERT, c.ASSERT_NOT) else []
-
-    def walk(items: Any, inside: bool) -> bool:
-        for op, av in items:
-            if op in repeats:
-                _low, high, sub = av
-                if (inside and high == c.MAXREPEAT) or walk(sub, inside or high > 1):
-                    return True
-            elif any(walk(child, inside) for child in children(op, av)):
-                return True
-        return False
-
-    return bool(walk(_parser.parse(pattern), False))
 
 
 def _file_specs(items: list[str | dict[str, str]]) -> tuple[FileSpec, ...]:
@@ -412,7 +376,7 @@ def _build_op(
     return op, (op.leaves(count) if op is not None else count)
 
 
-def _group_names(patterns: Iterable[re.Pattern[str] | None]) -> dict[str, str]:
+def _group_names(patterns: Iterable[regex.Pattern | None]) -> dict[str, str]:
     return {g: "group" for p in patterns if p is not None for g in p.groupindex}
 
 
@@ -491,7 +455,7 @@ def _short_transform(
 ) -> Transform | None:
     """A transform written in the short form: ``from`` names with ``{placeholders}``, ``to`` likewise."""
     froms = body["from"] if isinstance(body["from"], list) else [body["from"]]
-    patterns: list[re.Pattern[str] | None] = []
+    patterns: list[regex.Pattern | None] = []
     kinds: dict[str, str] = {}
     for j, text in enumerate(froms):
         where = (*path, "transform", "from", *((j,) if isinstance(body["from"], list) else ()))
@@ -530,7 +494,7 @@ def _short_transform(
 
 def _short_pairs(
     c: _Checker, path: YPath, body: dict[str, object], known: Mapping[str, str]
-) -> tuple[tuple[re.Pattern[str], template.Template], ...] | None:
+) -> tuple[tuple[regex.Pattern, template.Template], ...] | None:
     """The short rename form's ``pattern: target`` pairs, as regex-form pairs (see :mod:`shortform`)."""
     pairs = []
     for source_text, target_text in body.items():

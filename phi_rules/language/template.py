@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from phi_rules.language import expr
+from phi_rules.language import expr, regex
 
 _PART = re.compile(r"\\(?P<num>\d+)|\\g<(?P<group>\w+)>|\{\{|\}\}|\{(?P<expr>[^{}]*)\}|(?P<bad>[\\{}])")
 
@@ -45,7 +45,7 @@ class Template:
         """Names read by computed parts, each with the offset of its ``{``."""
         return [(n, p.offset) for p in self.parts if isinstance(p, Computed) for n in expr.names(p.node)]
 
-    def render(self, match: re.Match[str], env: Mapping[str, expr.Value]) -> str:
+    def render(self, match: regex.Match, env: Mapping[str, expr.Value]) -> str:
         out: list[str] = []
         for part in self.parts:
             if isinstance(part, str):
@@ -88,6 +88,6 @@ def parse(text: str) -> Template:
     return Template(text, tuple(parts))
 
 
-def group_env(match: re.Match[str]) -> dict[str, expr.Value]:
+def group_env(match: regex.Match) -> dict[str, expr.Value]:
     """Named groups as expression values: digit-only text becomes an int, an unmatched group null."""
     return {k: (int(v) if v is not None and v.isdigit() else v) for k, v in match.groupdict().items()}

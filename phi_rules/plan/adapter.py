@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from phi_rules.errors import Diagnostic
+from phi_rules.language import regex
 from phi_rules.language.rules import AdapterSpec
 
 
@@ -42,14 +43,6 @@ def _regex(value: str, spec: AdapterSpec) -> str:
     return value
 
 
-def _peft_matches(key: str, module: str) -> bool:
-    """Whether a rank_pattern or alpha_pattern key applies to a module, as PEFT decides it."""
-    try:
-        return re.match(rf"(.*\.)?({key})$", module) is not None
-    except re.error:
-        return False
-
-
 def _patterns(config: dict[str, Any], spec: AdapterSpec, modules: list[str], problems: list[str]) -> None:
     """Rewrite the pattern keys; give each fused module the rank and alpha that keep its parts' scale."""
     parts = {name for name, targets in spec.modules.items() if set(targets) & set(spec.fused)}
@@ -59,7 +52,7 @@ def _patterns(config: dict[str, Any], spec: AdapterSpec, modules: list[str], pro
             problems.append(f"{field}: expected a mapping of module patterns to numbers, not {value!r}")
             continue
         for key in value:
-            hit = next((m for m in modules if m.rsplit(".", 1)[-1] in parts and _peft_matches(key, m)), None)
+            hit = next((m for m in modules if m.rsplit(".", 1)[-1] in parts and regex.peft_key_matches(key, m)), None)
             if hit is not None:
                 problems.append(
                     f"{field}: {key!r} sets {hit} apart from the other parts of its fused module; fusing needs "

@@ -8,13 +8,12 @@ collected, never raised, so that one run reports them all.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from phi_rules.dtypes import FLOAT_DTYPES, itemsize
 from phi_rules.errors import Diagnostic
-from phi_rules.language import expr, ops, template
+from phi_rules.language import expr, ops, regex, template
 from phi_rules.language.rules import Drop, Rename, Rules, Step, Transform
 from phi_rules.source.header import TensorInfo
 
@@ -257,7 +256,7 @@ class _Planner:
                     if m is None or not self._when(step, template.group_env(m)):
                         continue
 
-                    def render(mm: re.Match[str], to: template.Template = to) -> str:
+                    def render(mm: regex.Match, to: template.Template = to) -> str:
                         return to.render(mm, {**env, **template.group_env(mm)})
 
                     new = pattern.sub(render, name) if step.anywhere else render(m)
@@ -271,19 +270,19 @@ class _Planner:
             self._insert(step, out, new, entry, name)
         return hits, out
 
-    def _groups(self, step: Transform, entries: Mapping[str, Entry]) -> list[list[tuple[str, re.Match[str]] | None]]:
+    def _groups(self, step: Transform, entries: Mapping[str, Entry]) -> list[list[tuple[str, regex.Match] | None]]:
         """The inputs of each application, one per pattern, joined on equal named groups; ``None`` for a
         missing input where the step allows it (``absent: zeros``)."""
         per_pattern = [[(n, m) for n in entries if (m := p.fullmatch(n))] for p in step.patterns]
         if len(step.patterns) == 1:
             return [[hit] for hit in per_pattern[0]]
         common = sorted(set.intersection(*(set(p.groupindex) for p in step.patterns)))
-        keyed: dict[tuple[str | None, ...], list[list[tuple[str, re.Match[str]]]]] = {}
+        keyed: dict[tuple[str | None, ...], list[list[tuple[str, regex.Match]]]] = {}
         for i, hits in enumerate(per_pattern):
             for name, m in hits:
                 slots = keyed.setdefault(tuple(m.group(g) for g in common), [[] for _ in step.patterns])
                 slots[i].append((name, m))
-        groups: list[list[tuple[str, re.Match[str]] | None]] = []
+        groups: list[list[tuple[str, regex.Match] | None]] = []
         for key, slots in keyed.items():
             label = ", ".join(f"{g}={v}" for g, v in zip(common, key, strict=True)) or "the whole state dict"
             if any(len(s) > 1 or (not s and not step.absent) for s in slots):
@@ -295,7 +294,7 @@ class _Planner:
 
     @staticmethod
     def _zeros(
-        step: str, group: list[tuple[str, re.Match[str]] | None], specs: list[ops.Spec], present: Iterator[Value]
+        step: str, group: list[tuple[str, regex.Match] | None], specs: list[ops.Spec], present: Iterator[Value]
     ) -> list[Value]:
         """The inputs in order, a computation of zeros in the place of each absent one."""
         return [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi_rules.errors import PhiRulesError
+from phi_rules.language import regex
 from phi_rules.source.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Adapter:
         """s for one module (``model.layers.0.self_attn.qkv_proj``), by PEFT's rule for pattern keys."""
 
         def pick(patterns: dict[str, Any], default: Any) -> Any:
-            key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+            key = next((k for k in patterns if regex.peft_key_matches(k, module)), None)
             return default if key is None else patterns[key]
 
         r, alpha = pick(self.ranks, self.r), pick(self.alphas, self.alpha)

@@ -1,0 +1,68 @@
+"""Regular expressions from rule files and adapter configs, matched by RE2 in time linear in the name.
+
+Rule files come from other people's repositories; with a backtracking engine a pattern such as
+``'(a|aa)+'`` makes planning hang on one long tensor name, and no list of known-bad shapes catches every
+such pattern. RE2 guarantees linear time by leaving out what needs backtracking: lookarounds (``(?=``,
+``(?!``) and backreferences (``\\1`` inside a pattern). Its syntax is otherwise Python's for everything
+the rules use, named groups ``(?P<name>…)`` included; ``validate`` reports a pattern RE2 refuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import re2  # type: ignore[import-untyped]
+
+
+class Match(Protocol):
+    def group(self, group: int | str = 0, /) -> str | None: ...
+
+    def groupdict(self) -> dict[str, str | None]: ...
+
+
+class Pattern(Protocol):
+    @property
+    def pattern(self) -> str: ...
+
+    @property
+    def groups(self) -> int: ...
+
+    @property
+    def groupindex(self) -> dict[str, int]: ...
+
+    def fullmatch(self, text: str) -> Match | None: ...
+
+    def search(self, text: str) -> Match | None: ...
+
+    def sub(self, repl: Callable[[Match], str], text: str) -> str: ...
+
+
+class RegexError(Exception):
+    """A pattern RE2 does not accept; the message says why."""
+
+
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False  # the reason comes back in the exception; nothing is printed to stderr
+
+
+def compile(text: str) -> Pattern:
+    """The compiled pattern; raises :class:`RegexError` for one that RE2 refuses (a lookaround, a backreference,
+    bad syntax)."""
+    try:
+        compiled: Pattern = re2.compile(text, _OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        unsupported = "perl operator" in reason or "escape" in reason
+        hint = " (RE2 syntax: no lookarounds or backreferences)" if unsupported else ""
+        raise RegexError(f"{reason}{hint}") from None
+    return compiled
+
+
+def peft_key_matches(key: str, module: str) -> bool:
+    """Whether a ``rank_pattern``/``alpha_pattern`` key applies to a module, as PEFT decides it
+    (``re.match(rf"(.*\\.)?({key})$", module)``); a key RE2 refuses matches nothing."""
+    try:
+        return compile(rf"(.*\.)?({key})").fullmatch(module) is not None
+    except RegexError:
+        return False
