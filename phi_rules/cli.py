@@ -10,12 +10,13 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from phi_rules.errors import Diagnostic, PhiRulesError
-from phi_rules.language.rules import Rules
-from phi_rules.options import Options, SourceOptions
-from phi_rules.source.resolve import source_argument
+
+if TYPE_CHECKING:  # the stages are imported by the commands that run them, inside main's interrupt handling
+    from phi_rules.language.rules import Rules
+    from phi_rules.options import Options
 
 EPILOG = """\
 examples:
@@ -377,6 +378,9 @@ def _list(as_json: bool) -> int:
 
 def _options(args: argparse.Namespace) -> Options:
 
+    from phi_rules.options import Options, SourceOptions
+    from phi_rules.source.resolve import source_argument
+
     path, hub = source_argument(str(args.source)) if args.source is not None else (None, None)
     tokenizer = getattr(args, "tokenizer", None)
     base = getattr(args, "base", None) if args.command != "verify" else None  # verify's --base names two folders
@@ -418,6 +422,8 @@ def _short(reason: str) -> str:
 
 def _detect(args: argparse.Namespace) -> int:
     from phi_rules.detect import detect
+    from phi_rules.options import Options, SourceOptions
+    from phi_rules.source.resolve import source_argument
 
     path, hub = source_argument(str(args.source))
     options = Options(source=SourceOptions(path, hub, None, args.cache_dir, args.offline, args.token))
@@ -639,7 +645,11 @@ def run() -> NoReturn:
     """The ``phi-rules`` command: ``main``, then an exit that skips the interpreter's teardown. Once torch and
     transformers are loaded, tearing their modules down takes 0.6 s of a 4 s conversion, and there is nothing
     left for it to do: every file is closed and renamed by then; only the standard streams need a flush."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # while the parser is being built, before main's own handling starts
+        print("interrupted: nothing was written", file=sys.stderr)
+        code = 130
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError):  # a reader that went away (`phi-rules plan … | head`)
             stream.flush()

@@ -16,7 +16,7 @@ from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language.document import RULES_DIR, load_document
 from phi_rules.language.rules import Rules, load_rules, rule_files
 from phi_rules.options import Options
-from phi_rules.plan.planner import Plan, make_plan
+from phi_rules.planning.planner import Plan, make_plan
 from phi_rules.source.header import TensorInfo
 from phi_rules.source.resolve import ResolvedSource, source_tensors
 

@@ -25,8 +25,8 @@ from phi_rules.dtypes import FLOAT_DTYPES
 from phi_rules.errors import PhiRulesError
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options
-from phi_rules.plan import remembered
-from phi_rules.plan.planner import Plan, make_plan
+from phi_rules.planning import remembered
+from phi_rules.planning.planner import Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
 from phi_rules.source.header import TensorInfo
@@ -37,7 +37,7 @@ from phi_rules.write.stream import Progress
 
 def checked(plan: Plan, dtype: str | None) -> Any:
     """Run the target checks and raise every problem of the plan at once; returns the built config."""
-    from phi_rules.plan import target
+    from phi_rules.planning import target
 
     problems = list(plan.problems)
     try:
@@ -104,7 +104,7 @@ def _write_and_check(result: Plan, folder: Path, write: Callable[[], None]) -> N
     """Move the bytes at once (``write``) while a second thread imports transformers, checks the plan against
     the target class and then writes the config files; a failed check still fails the conversion (the caller
     removes the folder). A check that passed for an identical plan writes its files again and imports
-    nothing (see :mod:`phi_rules.plan.remembered`)."""
+    nothing (see :mod:`phi_rules.planning.remembered`)."""
     dtype = _uniform_dtype(result)
     check = remembered.key(result, dtype)
     files = remembered.recall(check)

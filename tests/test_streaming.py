@@ -139,7 +139,7 @@ def test_planning_imports_no_torch(tmp_path: Path) -> None:
 import sys
 from phi_rules.language.rules import load_rules
 from phi_rules.options import SourceOptions
-from phi_rules.plan.planner import make_plan
+from phi_rules.planning.planner import make_plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.resolve import resolve
 rules = load_rules({str(ROOT / "rules" / "phi-2.yaml")!r})
@@ -343,3 +343,29 @@ def test_a_nested_computation_is_freed_once_its_consumer_ran(tmp_path: Path) -> 
             executor.tensor(t)
             assert all(n > 0 for n in executor.uses.values() if n)  # never counted below zero
         assert executor.cache == {}
+
+
+def test_ctrl_c_while_starting_up_is_one_line(big_source: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the first tenths of a second (imports, building the parser, resolving the source) is answered
+    like any other: exit 130 and one line, no traceback. Python's own start-up comes before any code of ours
+    can answer: the signals land from three times the time a bare interpreter takes to start."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    startup = 3 * (time.perf_counter() - start)
+    for delay in sorted({startup, 0.06, 0.08, 0.1, 0.12, 0.16, 0.25, 0.4}):
+        if delay < startup:
+            continue
+        out = tmp_path / f"out-{delay:.3f}"
+        proc = subprocess.Popen(
+            [*PHI_RULES, "apply", "--source", big_source, "--out", out],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        text = err.decode()
+        assert "Traceback" not in text and proc.returncode == 130, (delay, text)
+        assert text.strip().splitlines()[-1] == "interrupted: nothing was written"
+        assert not out.exists()

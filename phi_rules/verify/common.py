@@ -108,7 +108,7 @@ class Converted:
     def __init__(self, folder: Path, stack: ExitStack, adapter: Adapter | None = None) -> None:
         import torch
 
-        from phi_rules.plan.target import model_class
+        from phi_rules.planning.target import model_class
 
         self.adapter = adapter
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from phi_rules.errors import PhiRulesError
-from phi_rules.plan.planner import Plan
-from phi_rules.plan.target import saved_value, where
+from phi_rules.planning.planner import Plan
+from phi_rules.planning.target import saved_value, where
 
 
 def older_readers(saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 
 from phi_rules.cast import cast
 from phi_rules.dtypes import itemsize
-from phi_rules.plan.planner import Computation, Pick, PlannedTensor, Value
+from phi_rules.planning.planner import Computation, Pick, PlannedTensor, Value
 from phi_rules.source.checkpoint import Checkpoint, torch_dtype
 from phi_rules.source.header import TensorInfo
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from phi_rules.language.ops import Segment
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options
-from phi_rules.plan.planner import Plan, PlannedTensor
-from phi_rules.plan.segments import source_segments
+from phi_rules.planning.planner import Plan, PlannedTensor
+from phi_rules.planning.segments import source_segments
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
 from phi_rules.source.resolve import ResolvedSource

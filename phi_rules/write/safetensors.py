@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phi_rules.language.ops import Segment
-from phi_rules.plan.planner import PlannedTensor
+from phi_rules.planning.planner import PlannedTensor
 from phi_rules.source.header import ST_CODES
 from phi_rules.write.stream import Run, join, pwrite_all
 

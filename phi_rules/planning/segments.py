@@ -9,7 +9,7 @@ transformers are imported.
 from __future__ import annotations
 
 from phi_rules.language.ops import Bytes, Segment, Spec
-from phi_rules.plan.planner import Value
+from phi_rules.planning.planner import Value
 from phi_rules.source.header import TensorInfo
 
 

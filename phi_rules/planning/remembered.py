@@ -15,10 +15,10 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from phi_rules.plan.planner import Plan
+from phi_rules.planning.planner import Plan
 from phi_rules.source.digest import cache_folder, write_atomically
 
-_CHECKING_CODE = ("plan/target.py", "write/config.py", "write/output.py", "plan/remembered.py")
+_CHECKING_CODE = ("planning/target.py", "write/config.py", "write/output.py", "planning/remembered.py")
 FILES = ("config.json", "generation_config.json", "adapter_config.json")
 
 

@@ -75,7 +75,7 @@ class PlannedTensor:
     def moves(self) -> str:
         """How its bytes are written: ``copy`` (source byte ranges as they are), ``cast`` (the same elements
         in another dtype, streamed) or ``compute`` (an op moves elements: torch runs it)."""
-        from phi_rules.plan.segments import source_segments
+        from phi_rules.planning.segments import source_segments
 
         found = source_segments(self.value)
         if found is None:
@@ -388,7 +388,7 @@ def make_plan(
     ]
     adapter_config = None
     if rules.target.adapter is not None:
-        from phi_rules.plan.adapter import converted
+        from phi_rules.planning.adapter import converted
 
         where = rules.where_target.error("")
         adapter_config, adapter_problems = converted(
