@@ -453,10 +453,15 @@ def _detect(args: argparse.Namespace) -> int:
         others = ", ".join(f.rules.name for f in good if not f.given)
         print(f"\n{args.source}: your rule {yours[0].rules.name} fits and wins over the shipped {others}")
         return 0
-    if len(good) == 1 and good[0].rules.converted:
-        print(f"\n{args.source}: already in today's layout: load it with from_pretrained, no conversion needed")
-    elif len(good) == 1:
-        to = f" --to {good[0].rules.target.layout}" if good[0].rules.target.layout else ""
+    done = [f for f in good if f.rules.converted]
+    if done:
+        back = [f.rules.target.names[0] for f in good if not f.rules.converted]
+        more = f"; --to {', '.join(back)} converts it back" if back else ""
+        print(f"\n{args.source}: already in today's layout: load it with from_pretrained, no conversion needed{more}")
+        return 0
+    if len(good) == 1:  # --to where other rules read this layout too (refused ones, say)
+        rival = any(f.rules.layout == good[0].rules.layout and f is not good[0] for f in fits)
+        to = f" --to {good[0].rules.target.names[0]}" if rival else ""
         print(f"\n{args.source}: {good[0].rules.layout} layout: phi-rules apply --source {args.source}{to} --out DIR")
     elif len({f.rules.target.names[0] for f in good}) == len(good) > 1:
         targets = [f.rules.target.names[0] for f in good]
@@ -510,21 +515,36 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     """The named rule files, or the one that detection finds for --source."""
-    from phi_rules.detect import chosen, detect
+    from phi_rules.detect import chosen
     from phi_rules.language.rules import load_ref
 
     if paths:
         return [load_ref(r) for r in paths]  # every file is checked before any work starts
+    return [chosen(args.source, _detected(args), getattr(args, "to", None))]
+
+
+def _detected(args: argparse.Namespace) -> list[Any]:
+    """Every candidate's verdict on --source."""
+    from phi_rules.detect import detect
+
     found = _options(args)  # the layout is the source's own: --set shapes the plan, --tokenizer the output
-    options = replace(found, overrides={}, source=replace(found.source, tokenizer=None))
-    return [chosen(args.source, detect(args.source, options), getattr(args, "to", None))]
+    return detect(args.source, replace(found, overrides={}, source=replace(found.source, tokenizer=None)))
 
 
 def _plan(args: argparse.Namespace) -> int:
     from phi_rules import pipeline
 
     _quiet_libraries()
+    if not args.rules and args.to is not None:
+        from phi_rules.detect import route
 
+        chain = route(args.source, _detected(args), args.to)
+        if len(chain) > 1:
+            first, then = chain[0], ", then ".join(r.name for r in chain[1:])
+            raise PhiRulesError(
+                f"{args.source}: --to {args.to} goes through rule {first.name}, then {then}; apply runs them in a "
+                f"row, plan shows one rule: plan --source {args.source} --to {first.target.names[0]}"
+            )
     (rules,) = _rules_for(args, [args.rules] if args.rules else [])
     result = pipeline.plan(rules, _options(args), note=_note(args.json or args.quiet))
     if args.json:
@@ -583,10 +603,29 @@ def _apply(args: argparse.Namespace) -> int:
     _quiet_libraries()
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    all_rules = _rules_for(args, args.rules)
-    if not args.rules and not args.quiet:  # say what detection chose
-        r = all_rules[0]
-        _note(False)(f"{args.source}: {r.layout} layout: rule {r.name} ({r.display}) writes {r.target.architecture}")
+    if not args.rules:
+        from phi_rules.detect import route
+
+        chain = route(args.source, _detected(args), args.to)
+        r = chain[0]
+        said = f"{args.source}: {r.layout} layout: rule {r.name} ({r.display}) writes {r.target.architecture}"
+        _note(args.quiet)(said + "".join(f", then rule {n.name} ({n.display}) {n.target.layout}" for n in chain[1:]))
+        if len(chain) > 1:
+            last = pipeline.convert_through(
+                chain,
+                args.out,
+                _options(args),
+                note=_note(args.quiet),
+                warn=_warn,
+                progress=_progress_factory(args.quiet),
+            )
+            if not args.quiet:
+                print(
+                    f"{args.out}: {chain[-1].target.layout}, {len(last.tensors)} tensors, {_human(last.total_bytes)}",
+                    file=sys.stderr,
+                )
+            return 0
+    all_rules = _rules_for(args, args.rules) if args.rules else chain
     options = _options(args)
     for rules in all_rules:
         out = args.out if len(all_rules) == 1 else args.out / rules.name

@@ -114,8 +114,11 @@ def chosen(source: object, fits: list[Fit], to: str | None = None) -> Rules:
     if to is not None:
         fits = _for_target(source, fits, to)
     good = [f for f in fits if f.fits]
-    if len(good) == 1 and good[0].rules.converted:
-        raise PhiRulesError(already_converted(source, good[0].rules))
+    done = [f for f in good if f.rules.converted]
+    if done:  # today's layout: nothing to do unless --to asks for another layout (which is then the one rule)
+        others = sorted({f.rules.target.names[0] for f in good if not f.rules.converted})
+        more = f" (or --to {', '.join(others)} for the layout{'s' if len(others) > 1 else ''} it converts to)"
+        raise PhiRulesError(already_converted(source, done[0].rules) + (more if others else ""))
     if len(good) == 1:
         return good[0].rules
     targets = sorted({f.rules.target.names[0] for f in good})
@@ -125,6 +128,20 @@ def chosen(source: object, fits: list[Fit], to: str | None = None) -> Rules:
     summary = Diagnostic(f"{source}: {what}; name the rule to use (or add candidates with --rules FILE)")
     verdicts = [Diagnostic(f"{f.rules.name} ({f.rules.display}): {'fits' if f.fits else f.reason}") for f in fits]
     raise PhiRulesError([summary, *verdicts])
+
+
+def route(source: object, fits: list[Fit], to: str | None = None) -> list[Rules]:
+    """The rules to run in order: the one that fits (and writes ``to``), or, where none writes ``to`` from this
+    layout, two in a row: one that fits, then the one that reads what it writes and writes ``to`` (phi-msft to
+    today's Phi, then today's Phi to transformers-4.36)."""
+    already = any(f.fits and to == f.rules.layout for f in fits)  # the source is in that layout: nothing to route
+    if to is None or already or any(f.fits and to in f.rules.target.names for f in fits):
+        return [chosen(source, fits, to)]
+    for first in (f.rules for f in fits if f.fits and not f.rules.converted):
+        then = [f.rules for f in fits if f.rules.layout in first.target.names and to in f.rules.target.names]
+        if len(then) == 1:
+            return [first, then[0]]
+    return [chosen(source, fits, to)]  # its error says what fits and what does not
 
 
 def already_converted(source: object, rules: Rules) -> str:

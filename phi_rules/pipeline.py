@@ -17,6 +17,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from phi_rules.dtypes import FLOAT_DTYPES
 from phi_rules.errors import PhiRulesError
 from phi_rules.language.rules import Rules
-from phi_rules.options import Options
+from phi_rules.options import Options, SourceOptions
 from phi_rules.planning import remembered
 from phi_rules.planning.planner import Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
@@ -209,6 +210,42 @@ def convert(
     with destination.locked(out):
         destination.clear_stale(out, note)
         return _convert(rules, out, options, note, warn, progress)
+
+
+def convert_through(
+    chain: list[Rules],
+    out: Path | str,
+    options: Options | None = None,
+    *,
+    note: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
+    progress: Callable[[Plan], Progress] = lambda _: lambda _n: None,
+) -> Plan:
+    """Run rules in a row (phi-msft to today's Phi, then to transformers-4.36): each but the last writes a
+    folder inside a temporary one beside ``out`` (removed at the end, or by the next run after a kill) that the
+    next reads; the last writes ``out``. Returns the last plan."""
+    if not chain:
+        raise PhiRulesError("no rules to run")
+    options = options or Options()
+    if options.verify is not None:
+        raise PhiRulesError("--verify proves one rule's output against its source: apply the rules one at a time")
+    out = destination.absolute(Path(out))
+    destination.refuse_overlap(out, _given_sources(chain[0], options))
+    with destination.locked(out):
+        destination.clear_stale(out, note)
+        scratch = destination.temporary(out)
+        try:
+            step, said = replace(options, force=False, format=None), note
+            for rules in chain[:-1]:
+                folder = scratch / rules.name
+                _convert(rules, folder, step, said, lambda _: None, progress)
+                said = lambda _: None  # noqa: E731 - what later steps would note is about the scratch folder
+                read = SourceOptions(source=folder, cache_dir=options.source.cache_dir, offline=True)
+                step = replace(options, source=read, overrides={}, dtype=None, force=False, format=None)
+            last = replace(step, force=options.force, format=options.format)
+            return _convert(chain[-1], out, last, said, warn, progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _given_sources(rules: Rules, options: Options) -> list[Path]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
-from phi_reference import MsftConfig, random_state, write_checkpoint
+from phi_reference import MsftConfig, config_436, random_state, to_transformers_436, write_checkpoint
 
 PHI2 = ROOT / "rules" / "phi-2.yaml"
 CFG = MsftConfig(vocab_size=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
@@ -106,14 +107,16 @@ def test_split_sizes_do_not_fit(refused, tmp_path: Path) -> None:
 
 
 def test_view_does_not_divide(refused, tmp_path: Path) -> None:
-    seed = ROOT / "rules" / "seed-compat" / "phi-2.yaml"
+    cfg = MsftConfig(vocab_size=48, n_embd=64, n_layer=1, n_head=4, rotary_dim=8)
+    src = write_checkpoint(tmp_path / "src436", to_transformers_436(random_state(cfg, seed=3), cfg), None)
+    (src / "config.json").write_text(json.dumps(config_436(cfg)))
     refused(
-        seed,
-        source(tmp_path),
+        ROOT / "rules" / "transformers-4.36.yaml",
+        src,
         "--set",
-        "n_head=5",
+        "num_attention_heads=5",
         expect=[
-            "step 'interleave-qkv-weight': for transformer.h.0.mixer.Wqkv.weight: view(3, 5, -1, 64) does not fit "
+            "step 'split-qkv': for model.layers.0.self_attn.query_key_value.weight: view(5, 3, -1, 64) does not fit "
             "input shape [192, 64]"
         ],
     )

@@ -41,8 +41,8 @@ def transformers_436(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConf
     return folder
 
 
-CANDIDATES = 14  # 3 legacy layouts, 3 legacy adapter layouts, today's Phi, Phi3 to Llama/Mistral and back, 2024 Phi3,
-# Phi3 adapters to Llama's names and back
+CANDIDATES = 15  # 3 legacy layouts and back to 4.36, 3 legacy adapter layouts, today's Phi, Phi3 to and from
+# Llama/Mistral, 2024 Phi3, Phi3 adapters to Llama's names and back
 
 
 def table(out: str) -> list[str]:
@@ -90,11 +90,11 @@ def test_plan_without_a_rule(cli, tmp_path: Path) -> None:
 
 
 def test_seed_round_trip_is_bit_identical_to_the_direct_conversion(cli, tmp_path: Path) -> None:
-    """original -> seed-compat (the 4.36 layout, as the seed wrote it) -> 4.36 rule == original -> phi-2 rule."""
+    """original -> the 4.36 layout, as the seed wrote it -> 4.36 rule == original -> phi-2 rule."""
     state = random_state(HEAD80, torch.float16, inv_freq=True, seed=21)
     src = msft(tmp_path / "src", state, HEAD80, "bin", 1)
-    seed = ROOT / "rules" / "seed-compat" / "phi-2.yaml"
-    assert cli("apply", seed, "--source", src, "--out", tmp_path / "seed", "--quiet")[0] == 0
+    to_436 = ["--to", "transformers-4.36", "--out", tmp_path / "seed", "--quiet"]
+    assert cli("apply", "--source", src, *to_436)[0] == 0
     assert cli("apply", "--source", tmp_path / "seed", "--out", tmp_path / "back", "--quiet")[0] == 0
     assert cli("apply", ROOT / "rules" / "phi-2.yaml", "--source", src, "--out", tmp_path / "direct")[0] == 0
     back, direct = (
@@ -116,7 +116,7 @@ def test_already_converted_folder(cli, tmp_path: Path) -> None:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [
         f"error: {tmp_path / 'converted'}: already in transformers' PhiForCausalLM layout: it needs no conversion; "
-        "load it with from_pretrained"
+        "load it with from_pretrained (or --to transformers-4.36 for the layout it converts to)"
     ]
 
 
@@ -153,3 +153,28 @@ def test_detect_reads_no_bytes_and_imports_no_torch(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "[]"
     assert "phi-transformers-4.36" in run.stdout
+
+
+def _same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name, tensor in a.items():
+        assert b[name].dtype == tensor.dtype and b[name].shape == tensor.shape, name
+        assert torch.equal(b[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_436_round_trips_bit_for_bit(cli, tmp_path: Path, dtype: torch.dtype) -> None:
+    """4.36 -> today -> 4.36 (the derived rule phi-to-transformers-4.36) gives back every tensor, bit for bit,
+    and the config values the rule maps; today -> 4.36 -> today as well."""
+    src = transformers_436(tmp_path / "src", random_state(HEAD80, dtype, seed=23), HEAD80, "safetensors", 1)
+    assert cli("apply", "--source", src, "--out", tmp_path / "today", "--quiet")[0] == 0
+    code, _, err = cli("apply", "--source", tmp_path / "today", "--to", "transformers-4.36", "--out", tmp_path / "back")
+    assert code == 0, err
+    _same_bytes(load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors"))
+    source, back = (json.loads((f / "config.json").read_text()) for f in (src, tmp_path / "back"))
+    mapped = ["hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "partial_rotary_factor"]
+    assert {k: back[k] for k in mapped} == {k: source[k] for k in mapped}
+    assert cli("apply", "--source", tmp_path / "back", "--out", tmp_path / "today-again", "--quiet")[0] == 0
+    _same_bytes(
+        load_file(tmp_path / "today" / "model.safetensors"), load_file(tmp_path / "today-again" / "model.safetensors")
+    )

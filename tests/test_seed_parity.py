@@ -1,12 +1,13 @@
-"""rules/seed-compat/phi-2.yaml reproduces the seed script's output key for key, bit for bit."""
+"""`apply --to transformers-4.36` reproduces the seed script's output key for key, bit for bit: phi-2's rule to
+today's layout, then the derived backward of the 4.36 rule (rules/seed-compat is retired)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from conftest import ROOT
 from phi_reference import PHI_MAPPING, MsftConfig, SeedConfig, random_state, seed_convert_weights, write_checkpoint
+from safetensors.torch import load_file
 
 
 def test_seed_compat_matches_seed_bit_for_bit(cli, tmp_path: Path) -> None:
@@ -16,11 +17,11 @@ def test_seed_compat_matches_seed_bit_for_bit(cli, tmp_path: Path) -> None:
     expected = seed_convert_weights(
         {k: v.clone() for k, v in state.items()}, PHI_MAPPING, SeedConfig(cfg.n_head, cfg.n_embd)
     )
-    code, _, err = cli(
-        "apply", ROOT / "rules" / "seed-compat" / "phi-2.yaml", "--source", src, "--out", tmp_path / "out"
-    )
+    code, _, err = cli("apply", "--source", src, "--to", "transformers-4.36", "--out", tmp_path / "out")
     assert code == 0, err
-    got = torch.load(tmp_path / "out" / "pytorch_model.bin", weights_only=True)
+    assert "then rule phi-to-transformers-4.36" in err
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # the scratch folder is gone
     assert sorted(got) == sorted(expected)
     assert "model.layers.0.self_attn.query_key_value.weight" in got
     for key, value in expected.items():

@@ -123,17 +123,19 @@ def test_list_shows_shipped_rules(cli) -> None:
     code, out, _ = cli("list")
     assert code == 0
     rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:]}
-    assert rows["phi-2"] == ["phi-msft", "rules/phi-2.yaml"] and "seed-compat-phi-2" in rows
+    assert rows["phi-2"] == ["phi-msft", "rules/phi-2.yaml"] and "phi-to-transformers-4.36" in rows
     assert rows["llama-to-phi3"] == ["llama", "rules/phi3/llama.yaml"]  # a derived backward rule, by name
     code, out, _ = cli("list", "--json")
     listed = {r["file"]: r for r in json.loads(out)}
-    assert code == 0 and listed["rules/transformers-4.36.yaml"]["layout"] == "transformers-4.36"
-    assert listed["rules/layouts/phi-msft.yaml"]["name"] is None  # the abstract base
     by_name = {r["name"]: r for r in json.loads(out) if r["name"]}
+    assert code == 0 and by_name["phi-transformers-4.36"]["layout"] == "transformers-4.36"
+    assert by_name["phi-to-transformers-4.36"]["derived_from"] == "phi-transformers-4.36"
+    assert listed["rules/layouts/phi-msft.yaml"]["name"] is None  # the abstract base
     assert by_name["phi3-to-llama"]["one_way"] is None  # it runs backward as llama-to-phi3
     assert by_name["llama-to-phi3"]["derived_from"] == "phi3-to-llama"
     assert by_name["phi-2"]["one_way"] == (
-        "step 'drop-rotary-buffers' drops tensors, which the backward direction cannot bring back"
+        "step 'drop-rotary-buffers' drops tensors, which the backward direction cannot bring back (unless "
+        "`recomputed: true`)"
     )
 
 

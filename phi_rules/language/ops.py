@@ -105,7 +105,8 @@ class Op(ABC):
         return count
 
     def bind(self, env: Mapping[str, expr.Value], input_shape: Shape, specs: list[Spec]) -> Op:
-        """The op with every expression evaluated; ``input_shape`` is the transform input's."""
+        """The op with every expression evaluated; ``input_shape`` is what ``input`` names: the shape the current
+        run of reshapes started from (the transform input's, or the last split or concat's output)."""
         return self
 
     @abstractmethod
@@ -235,7 +236,7 @@ class Concat(Op):
 
 @dataclass(frozen=True)
 class View(Op):
-    """A new shape without copying (``dims`` None: the transform input's shape); ``reshape`` may copy."""
+    """A new shape without copying (``dims`` None: ``input``, the run's first shape); ``reshape`` may copy."""
 
     name: ClassVar[str] = "view"
     dims: tuple[expr.Node, ...] | None

@@ -8,7 +8,9 @@ at the forward lines they come from): steps run in the opposite order, each inve
 - a short-form ``transform`` swaps ``from`` and ``to`` and inverts its ops in reverse order: a split
   becomes a concat along the same dim (the sizes are the inputs' own);
 - ``target.config`` values that are plain field names invert to the same names; ``copy`` stays;
-- ``drop``, regex-form steps, ``when`` and ops without an inverse (cast, repeat, view …) make the rule
+- view, reshape, transpose and permute are undone by the reshapes and transposes that lead back;
+- a ``drop`` marked ``recomputed`` (buffers the model computes itself) writes nothing backward;
+- other drops, regex-form steps, ``when`` and ops without an inverse (cast, repeat) make the rule
   irreversible, and each is reported at its line.
 """
 
@@ -43,14 +45,49 @@ def _as_list(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
+_START = "input"  # a run's first shape: the transform input's, or the last split or concat's output
+
+
+def _permutation(kind: str, arg: list[int], rank: int) -> list[int]:
+    if kind == "permute":
+        return list(arg)
+    a, b = (d % rank for d in arg)
+    order = list(range(rank))
+    order[a], order[b] = b, a
+    return order
+
+
 def _inverse_ops(ops: list[dict[str, Any]]) -> list[dict[str, Any]] | str:
-    """The ops that undo ``ops``, or why there are none."""
-    inverse: list[dict[str, Any]] = []
-    for op in reversed(ops):
+    """The ops that undo ``ops``, or why there are none. A reshape is undone by reshaping to the shape before
+    it, followed symbolically: the dims a view or reshape wrote, permuted by the transposes after it, or
+    ``input`` (the shape its run of reshapes started from)."""
+    before: list[object] = []  # each op's input shape: a list of dims as written, _START, or None (unknown)
+    shape: object = _START
+    for op in ops:
         kind, arg = next(iter(op.items()))
-        if kind != "split":
+        before.append(shape)
+        if kind in ("view", "reshape"):
+            shape = _START if arg == "input" else list(arg)
+        elif kind in ("transpose", "permute"):
+            shape = [shape[d] for d in _permutation(kind, arg, len(shape))] if isinstance(shape, list) else None
+        elif kind == "split":
+            shape = _START
+        else:
             return f"uses {kind!r}, which has no inverse in the rule language yet"
-        inverse.append({"concat": {"dim": arg["dim"]}})
+    inverse: list[dict[str, Any]] = []
+    for op, shape in reversed(list(zip(ops, before, strict=True))):
+        kind, arg = next(iter(op.items()))
+        if kind == "split":
+            inverse.append({"concat": {"dim": arg["dim"]}})
+        elif kind in ("view", "reshape"):
+            if shape is None:
+                return f"uses {kind!r} after a transpose of its run's first shape, whose dims the rule does not name"
+            inverse.append({"reshape": shape})
+        elif kind == "transpose":
+            inverse.append({"transpose": list(arg)})
+        else:
+            order = list(arg)
+            inverse.append({"permute": [order.index(i) for i in range(len(order))]})
     return inverse
 
 
@@ -61,8 +98,9 @@ def _step(raw: dict[str, Any], problem: Callable[[str], None]) -> dict[str, Any]
     if kind == "keep":
         return {**head, "keep": body}
     if kind == "drop":
-        problem("drops tensors, which the backward direction cannot bring back")
-        return None
+        if not raw.get("recomputed"):
+            problem("drops tensors, which the backward direction cannot bring back (unless `recomputed: true`)")
+        return None  # buffers the model computes itself: the backward rule writes none
     if "match" in body:
         problem("is written in regex form; only the short form (dotted names with {placeholders}) inverts")
         return None
@@ -154,6 +192,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
             "architecture": rev.get("architecture", ""),
             "config": {**{v: k for k, v in renames.items()}, **(rev.get("config") or {})},
             **{k: target[k] for k in ("check", "dtype", "format", "copy") if k in target},
+            **({"check": rev["check"]} if "check" in rev else {}),
             **({"layout": data["layout"]} if data.get("layout") else {}),
         },
         "steps": steps,

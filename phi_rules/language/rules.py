@@ -387,6 +387,8 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
     where = c.where(path)
     optional = bool(raw.get("optional", False))
     body = raw[kind]
+    if raw.get("recomputed") and kind != "drop":
+        c.error((*path, "recomputed"), f"recomputed belongs to a drop step, not to a {kind} step")
     if kind == "drop":
         assert isinstance(body, str)
         pattern = c.compile((*path, "drop"), body)

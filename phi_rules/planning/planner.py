@@ -321,12 +321,16 @@ class _Planner:
                 ]
                 values: list[Value] = [e.value for e in inputs]
                 bound: list[ops.Op] = []
+                start = inputs[0].shape  # what `input` names: the run's first shape (after a split or concat)
                 for op in step.ops:
-                    b = op.bind(env, inputs[0].shape, specs)
+                    b = op.bind(env, start, specs)
                     if not bound and len(present) < len(group):
                         specs = b.fill(given)
                         values = self._zeros(step.name, group, specs, iter(values))
-                    specs = b.infer(specs)
+                    inferred = b.infer(specs)
+                    if len(inferred) != len(specs):
+                        start = inferred[0].shape
+                    specs = inferred
                     bound.append(b)
                 outs = [tpl.render(first_match, env) for tpl in step.to]
             except (expr.ExprError, ops.OpError) as exc:
