@@ -497,12 +497,13 @@ def _short_transform(
 def _short_pairs(
     c: _Checker, path: YPath, body: dict[str, object], known: Mapping[str, str]
 ) -> tuple[tuple[regex.Pattern, template.Template], ...] | None:
-    """The short rename form's ``pattern: target`` pairs, as regex-form pairs (see :mod:`shortform`)."""
+    """The short rename form's ``pattern: target`` pairs, as regex-form pairs (see :mod:`shortform`). A name is
+    a module: what lies under it (``.weight``, ``.bias``, ``.lora_A.weight``) moves with it."""
     pairs = []
     for source_text, target_text in body.items():
         where = (*path, source_text)
         try:
-            regex, kinds = shortform.pattern(source_text)
+            text, kinds = shortform.pattern(source_text)
         except shortform.ShortFormError as exc:
             c.error(
                 where, f"bad short-form pattern {source_text!r}: {exc.message} at character {exc.offset + 1}", key=True
@@ -512,11 +513,11 @@ def _short_pairs(
             if name in known:
                 c.error(where, f"placeholder {{{name}}} shadows the {known[name]} value of the same name", key=True)
         try:
-            to = shortform.target(str(target_text), kinds, known)
+            to = shortform.target(str(target_text), kinds, known) + f"\\g<{shortform.UNDER}>"
         except shortform.ShortFormError as exc:
             c.error(where, f"{exc.message} (in {target_text!r} at character {exc.offset + 1})")
             continue
-        compiled = c.compile(where, regex)
+        compiled = c.compile(where, text + f"(?P<{shortform.UNDER}>(?:\\.[^.]+)*)")
         tpl = c.parse_template(where, to, compiled, {**known, **dict.fromkeys(kinds, "placeholder")})
         if compiled is not None and tpl is not None:
             pairs.append((compiled, tpl))

@@ -20,6 +20,7 @@ from collections.abc import Collection
 from phi_rules.language import expr
 
 INDEX_NAMES = frozenset("ijklmn")
+UNDER = "_under"  # in renames and keeps: the dotted rest of a name under the module it names (``.weight``)
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
@@ -51,6 +52,8 @@ def pattern(text: str) -> tuple[str, dict[str, str]]:
             )
         if name in kinds:
             raise ShortFormError(f"placeholder {name!r} appears twice", m.start())
+        if name.startswith("_"):
+            raise ShortFormError(f"placeholder {name!r}: names starting with _ are reserved", m.start())
         words = restrict.split("|")
         if restrict == "int" or (not colon and name in INDEX_NAMES):
             kinds[name], regex = "int", r"\d+"
