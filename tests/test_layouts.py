@@ -178,3 +178,22 @@ def test_transformers_436_round_trips_bit_for_bit(cli, tmp_path: Path, dtype: to
     _same_bytes(
         load_file(tmp_path / "today" / "model.safetensors"), load_file(tmp_path / "today-again" / "model.safetensors")
     )
+
+
+@pytest.mark.parametrize(
+    "cfg", [HEAD80, MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=4, n_head_kv=2, rotary_dim=16)]
+)
+def test_phi_msft_round_trips_bit_for_bit(cli, tmp_path: Path, cfg: MsftConfig) -> None:
+    """phi-msft -> today -> phi-msft (phi-to-phi-msft, derived from phi-2) gives back every tensor bit for bit and
+    the remote-code config.json's values; and the phi-2 rule converts the result again to the same folder."""
+    src = msft(tmp_path / "src", random_state(cfg, torch.float16, seed=24), cfg, "safetensors", 1)
+    assert cli("apply", "--source", src, "--out", tmp_path / "today", "--quiet")[0] == 0
+    code, _, err = cli("apply", "--source", tmp_path / "today", "--to", "phi-msft", "--out", tmp_path / "back")
+    assert code == 0, err
+    _same_bytes(load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors"))
+    source, back = (json.loads((f / "config.json").read_text()) for f in (src, tmp_path / "back"))
+    assert {k: back.get(k) for k in source} == source  # bos/eos ids the source lacks come from the rule's defaults
+    assert cli("apply", "--source", tmp_path / "back", "--out", tmp_path / "again", "--quiet")[0] == 0
+    _same_bytes(
+        load_file(tmp_path / "today" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    )

@@ -192,7 +192,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
             "architecture": rev.get("architecture", ""),
             "config": {**{v: k for k, v in renames.items()}, **(rev.get("config") or {})},
             **{k: target[k] for k in ("check", "dtype", "format", "copy") if k in target},
-            **({"check": rev["check"]} if "check" in rev else {}),
+            **{k: rev[k] for k in ("check", "remote_code") if k in rev},
             **({"layout": data["layout"]} if data.get("layout") else {}),
         },
         "steps": steps,

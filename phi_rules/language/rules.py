@@ -88,6 +88,7 @@ class Target:
     layout: str = ""  # the layout written; --to picks rules by it or by the architecture's model type
     uses: Mapping[str, expr.Node] = field(default_factory=dict)  # model attributes -> what the source means
     uses_where: Mapping[str, Where] = field(default_factory=dict)
+    remote_code: bool = False  # config.json written as the values say: no transformers class has the layout
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -338,9 +339,10 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
     for i, key in enumerate(copy):
         if key in raw["config"]:
             c.error(("target", "copy", i), f"{key!r} is both copied and computed in target.config: keep one")
+    remote = bool(raw.get("remote_code", False))
     return Target(
         raw["architecture"],
-        raw.get("check", True),
+        raw.get("check", True) and not remote,  # no class to check against
         raw.get("dtype", "keep"),
         raw.get("format", "safetensors"),
         config,
@@ -351,6 +353,7 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         raw.get("layout", ""),
         {k: n for k, v in raw.get("uses", {}).items() if (n := c.parse_expr(("target", "uses", k), v, source_names))},
         {k: c.where(("target", "uses", k)) for k in raw.get("uses", {})},
+        remote,
     )
 
 

@@ -71,7 +71,11 @@ def saved_value(saved: Mapping[str, Any], key: str) -> Any:
 
 
 def build_config(plan: Plan, dtype: str | None) -> Any:
-    """The config object from keyword arguments only (setting attributes later can miss derived fields)."""
+    """The config object from keyword arguments only (setting attributes later can miss derived fields); for a
+    remote-code target, the values themselves, as config.json will hold them."""
+    if plan.rules.target.remote_code:
+        values = {k: v for k, v in plan.config.items() if v is not None}
+        return {**values, "architectures": [plan.rules.target.architecture], **({"torch_dtype": dtype} if dtype else {})}
     cls = model_class(plan.rules.target.architecture).config_class
     w = plan.rules.where_target
     known = _known_fields(cls)

@@ -120,6 +120,9 @@ def write_config(folder: Path, result: Plan, config: Any) -> None:
     if result.adapter_config is not None:
         (folder / "adapter_config.json").write_text(json.dumps(result.adapter_config, indent=2, sort_keys=True) + "\n")
         return
+    if isinstance(config, dict):  # a remote-code target: the values as they are
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return
     from transformers import GenerationConfig
 
     from phi_rules.write import config as config_file
