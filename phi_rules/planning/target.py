@@ -75,7 +75,8 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
     remote-code target, the values themselves, as config.json will hold them."""
     if plan.rules.target.remote_code:
         values = {k: v for k, v in plan.config.items() if v is not None}
-        return {**values, "architectures": [plan.rules.target.architecture], **({"torch_dtype": dtype} if dtype else {})}
+        dtype_field = {"torch_dtype": dtype} if dtype else {}
+        return {**values, "architectures": [plan.rules.target.architecture], **dtype_field}
     cls = model_class(plan.rules.target.architecture).config_class
     w = plan.rules.where_target
     known = _known_fields(cls)
