@@ -41,8 +41,8 @@ def transformers_436(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConf
     return folder
 
 
-CANDIDATES = 15  # 3 legacy layouts and back to 4.36, 3 legacy adapter layouts, today's Phi, Phi3 to and from
-# Llama/Mistral, 2024 Phi3, Phi3 adapters to Llama's names and back
+CANDIDATES = 17  # 3 legacy layouts and back to phi-msft and 4.36, 3 legacy adapter layouts, today's Phi, Phi3 to
+# and from Llama/Mistral, 2024 Phi3, Phi3 adapters to Llama's and Mistral's names and back
 
 
 def table(out: str) -> list[str]:
@@ -116,7 +116,7 @@ def test_already_converted_folder(cli, tmp_path: Path) -> None:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [
         f"error: {tmp_path / 'converted'}: already in transformers' PhiForCausalLM layout: it needs no conversion; "
-        "load it with from_pretrained (or --to transformers-4.36 for the layout it converts to)"
+        "load it with from_pretrained (or --to phi-msft, transformers-4.36 for the layouts it converts to)"
     ]
 
 
