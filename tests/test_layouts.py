@@ -41,7 +41,7 @@ def transformers_436(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConf
     return folder
 
 
-CANDIDATES = 17  # 3 legacy layouts and back to phi-msft and 4.36, 3 legacy adapter layouts, today's Phi, Phi3 to
+CANDIDATES = 18  # 3 legacy layouts and back to each, 3 legacy adapter layouts, today's Phi, Phi3 to
 # and from Llama/Mistral, 2024 Phi3, Phi3 adapters to Llama's and Mistral's names and back
 
 
@@ -116,7 +116,8 @@ def test_already_converted_folder(cli, tmp_path: Path) -> None:
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == [
         f"error: {tmp_path / 'converted'}: already in transformers' PhiForCausalLM layout: it needs no conversion; "
-        "load it with from_pretrained (or --to phi-msft, transformers-4.36 for the layouts it converts to)"
+        "load it with from_pretrained (or --to mixformer-sequential, phi-msft, transformers-4.36 for the layouts it "
+        "converts to)"
     ]
 
 
@@ -193,6 +194,23 @@ def test_phi_msft_round_trips_bit_for_bit(cli, tmp_path: Path, cfg: MsftConfig) 
     _same_bytes(load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors"))
     source, back = (json.loads((f / "config.json").read_text()) for f in (src, tmp_path / "back"))
     assert {k: back.get(k) for k in source} == source  # bos/eos ids the source lacks come from the rule's defaults
+    assert cli("apply", "--source", tmp_path / "back", "--out", tmp_path / "again", "--quiet")[0] == 0
+    _same_bytes(
+        load_file(tmp_path / "today" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    )
+
+
+def test_mixformer_round_trips_bit_for_bit(cli, tmp_path: Path) -> None:
+    """MixFormer-sequential -> today -> MixFormer-sequential (phi-to-mixformer-sequential): blocks shift back up by
+    one, and the head returns to layers.N+1 (the backward of `when: i == num_hidden_layers + 1`)."""
+    src = mixformer(tmp_path / "src", random_state(HEAD64, torch.bfloat16, seed=25), HEAD64, "safetensors", 1)
+    assert cli("apply", "--source", src, "--out", tmp_path / "today", "--quiet")[0] == 0
+    to_mixformer = ["--to", "mixformer-sequential", "--out", tmp_path / "back"]
+    code, _, err = cli("apply", "--source", tmp_path / "today", *to_mixformer)
+    assert code == 0, err
+    _same_bytes(load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors"))
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["model_type"] == "mixformer-sequential" and back["n_layer"] == HEAD64.n_layer
     assert cli("apply", "--source", tmp_path / "back", "--out", tmp_path / "again", "--quiet")[0] == 0
     _same_bytes(
         load_file(tmp_path / "today" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")

@@ -134,9 +134,9 @@ def test_list_shows_shipped_rules(cli) -> None:
     assert by_name["phi3-to-llama"]["one_way"] is None  # it runs backward as llama-to-phi3
     assert by_name["llama-to-phi3"]["derived_from"] == "phi3-to-llama"
     assert by_name["phi-2"]["one_way"] is None and by_name["phi-to-phi-msft"]["derived_from"] == "phi-2"
-    assert by_name["phi-1_5-mixformer-sequential"]["one_way"] == (
-        "step 'final-layernorm' is written in regex form; only the short form (dotted names with {placeholders}) "
-        "inverts"
+    assert by_name["phi-to-mixformer-sequential"]["derived_from"] == "phi-1_5-mixformer-sequential"
+    assert by_name["phi-msft-adapter"]["one_way"] == (
+        "step 'split-qkv' is written in regex form; only the short form (dotted names with {placeholders}) inverts"
     )
 
 

@@ -113,8 +113,11 @@ def _base(path: Path, display: str, ref: str) -> tuple[Path, str, bool] | None:
         hit = shipped_names().get(ref)
         return (hit, str(hit), False) if hit else None
     base = path.parent / ref
-    if base.is_file():
-        return base, os.path.normpath(os.path.join(os.path.dirname(display), ref)), False
+    try:
+        if base.is_file():
+            return base, os.path.normpath(os.path.join(os.path.dirname(display), ref)), False
+    except OSError:  # a name the file system refuses (too long, say): no such base
+        return None
     tail = "/" + "/".join(part for part in Path(ref).parts if part not in (".", ".."))
     shipped = [f for f in sorted(RULES_DIR.rglob("*.yaml")) if f.as_posix().endswith(tail)]
     return (shipped[0], str(shipped[0]), True) if len(shipped) == 1 else None

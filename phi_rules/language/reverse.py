@@ -4,7 +4,8 @@ The backward rule is built as a rule *document* (then checked like any other fil
 at the forward lines they come from): steps run in the opposite order, each inverted —
 
 - ``keep`` stays as it is; a short-form ``rename`` swaps its two sides (placeholder restrictions such as
-  ``{p:weight|bias}`` move to the side that now matches);
+  ``{p:weight|bias}`` move to the side that now matches; an index moved by a constant, ``{i - 1}``, moves
+  back, and a ``when`` that pins an index, ``i == num_hidden_layers + 1``, writes that expression);
 - a short-form ``transform`` swaps ``from`` and ``to`` and inverts its ops in reverse order: a split
   becomes a concat along the same dim (the sizes are the inputs' own);
 - ``target.config`` values that are plain field names invert to the same names; ``copy`` stays;
@@ -39,6 +40,24 @@ def _restrict(text: str, specs: dict[str, str]) -> str:
 def plain(text: str) -> str:
     """A short-form name without placeholder restrictions: ``{p:weight|bias}`` becomes ``{p}``."""
     return _SPEC.sub(lambda m: "{" + m.group(1) + "}", text)
+
+
+_SHIFT = re.compile(r"\{\s*(\w+)\s*([+-])\s*(\d+)\s*\}")  # {i - 1}: a placeholder moved by a constant
+_PIN = re.compile(r"^\s*(\w+)\s*==\s*(.+?)\s*$")  # i == num_hidden_layers + 1: a placeholder pinned
+
+
+def _backward(frm: str, to: str, pinned: tuple[str, str] | None = None) -> tuple[str, str]:
+    """The backward (pattern, target) of a forward short-form pair. ``{i - 1}`` in the target becomes ``{i}``
+    in the backward pattern and the source's ``{i}`` becomes ``{i + 1}``; a placeholder that ``when`` pins to an
+    expression is written as that expression; restrictions (``{p:weight|bias}``) move to the new pattern."""
+    pattern, target = to, plain(frm)
+    for m in _SHIFT.finditer(to):
+        name, sign, amount = m.groups()
+        pattern = pattern.replace(m.group(0), "{" + name + "}")
+        target = target.replace("{" + name + "}", "{" + f"{name} {'-' if sign == '+' else '+'} {amount}" + "}")
+    if pinned is not None:
+        target = target.replace("{" + pinned[0] + "}", "{" + pinned[1] + "}")
+    return _restrict(pattern, _restrictions(frm)), target
 
 
 def _as_list(value: object) -> list[str]:
@@ -105,7 +124,14 @@ def _step(raw: dict[str, Any], problem: Callable[[str], None]) -> dict[str, Any]
         problem("is written in regex form; only the short form (dotted names with {placeholders}) inverts")
         return None
     if kind == "rename":
-        return {**head, "rename": {_restrict(str(to), _restrictions(frm)): plain(frm) for frm, to in body.items()}}
+        pinned = None
+        if "when" in raw:
+            m = _PIN.match(str(raw["when"]))
+            if m is None or any("{" + m.group(1) not in str(frm) for frm in body):
+                problem("applies only `when` a condition holds that pins no placeholder (write `i == EXPR`)")
+                return None
+            pinned = (m.group(1), m.group(2))
+        return {**head, "rename": dict(_backward(str(frm), str(to), pinned) for frm, to in body.items())}
     if "when" in body:
         problem("applies only `when` a condition holds, which the backward direction cannot tell")
         return None
@@ -117,8 +143,8 @@ def _step(raw: dict[str, Any], problem: Callable[[str], None]) -> dict[str, Any]
     if isinstance(ops, str):
         problem(ops)
         return None
-    specs = _restrictions(froms[0])
-    return {**head, "transform": {"from": [_restrict(t, specs) for t in tos], "ops": ops, "to": plain(froms[0])}}
+    pairs = [_backward(froms[0], t) for t in tos]
+    return {**head, "transform": {"from": [p for p, _ in pairs], "ops": ops, "to": pairs[0][1]}}
 
 
 def _renames(config: dict[str, Any]) -> dict[str, str]:

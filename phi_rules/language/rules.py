@@ -392,6 +392,9 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
     body = raw[kind]
     if raw.get("recomputed") and kind != "drop":
         c.error((*path, "recomputed"), f"recomputed belongs to a drop step, not to a {kind} step")
+    short_rename = kind == "rename" and isinstance(body, dict) and "match" not in body
+    if "when" in raw and not short_rename:
+        c.error((*path, "when"), "a step-level when belongs to a short-form rename (a regex form has its own)")
     if kind == "drop":
         assert isinstance(body, str)
         pattern = c.compile((*path, "drop"), body)
@@ -403,9 +406,10 @@ def _build_step(c: _Checker, i: int, raw: dict[str, object], config_names: Mappi
     assert isinstance(body, dict)
     if kind == "transform" and "from" in body:
         return _short_transform(c, path, name, optional, body, config_names)
-    if kind == "rename" and "match" not in body:
+    if short_rename:
         pairs = _short_pairs(c, (*path, kind), body, config_names)
-        return Rename(name, where, optional, pairs, False, None) if pairs else None
+        when = _short_when(c, path, raw, body, config_names)
+        return Rename(name, where, optional, pairs, False, when) if pairs else None
     texts = body["match"] if isinstance(body["match"], list) else [body["match"]]
     match_path: YPath = (*path, kind, "match")
     patterns = [
@@ -495,6 +499,21 @@ def _short_transform(
         return None
     absent = _absent(c, (*path, "transform"), body, len(froms), built)
     return Transform(name, c.where(path), optional, tuple(patterns), tuple(built), tuple(tos), None, absent)  # type: ignore[arg-type]
+
+
+def _short_when(
+    c: _Checker, path: YPath, raw: dict[str, object], body: dict[str, Any], known: Mapping[str, str]
+) -> expr.Node | None:
+    """A short-form rename's step-level ``when``, over its placeholders (digits are numbers) and config values."""
+    if "when" not in raw:
+        return None
+    names = dict(known)
+    for text in body:
+        try:
+            names |= dict.fromkeys(shortform.pattern(str(text))[1], "placeholder")
+        except shortform.ShortFormError:
+            continue  # reported with the pair
+    return c.parse_expr((*path, "when"), raw["when"], names)
 
 
 def _short_pairs(
