@@ -203,13 +203,8 @@ def convert(
     progress: Callable[[Plan], Progress] = lambda _: lambda _n: None,
 ) -> Plan:
     """Convert one rule's source into ``out``, a folder ``from_pretrained`` loads; returns the plan used."""
-    options = options or Options()
-    _refuse_converted(rules, options)
-    out = destination.absolute(Path(out))
-    destination.refuse_overlap(out, _given_sources(rules, options))
-    with destination.locked(out):
-        destination.clear_stale(out, note)
-        return _convert(rules, out, options, note, warn, progress)
+    _refuse_converted(rules, options or Options())
+    return convert_through([rules], out, options, note=note, warn=warn, progress=progress)
 
 
 def convert_through(
@@ -223,16 +218,18 @@ def convert_through(
 ) -> Plan:
     """Run rules in a row (phi-msft to today's Phi, then to transformers-4.36): each but the last writes a
     folder inside a temporary one beside ``out`` (removed at the end, or by the next run after a kill) that the
-    next reads; the last writes ``out``. Returns the last plan."""
+    next reads; the last writes ``out``. Returns the last plan. One rule is a plain conversion."""
     if not chain:
         raise PhiRulesError("no rules to run")
     options = options or Options()
-    if options.verify is not None:
+    if options.verify is not None and len(chain) > 1:
         raise PhiRulesError("--verify proves one rule's output against its source: apply the rules one at a time")
     out = destination.absolute(Path(out))
     destination.refuse_overlap(out, _given_sources(chain[0], options))
     with destination.locked(out):
         destination.clear_stale(out, note)
+        if len(chain) == 1:
+            return _convert(chain[0], out, options, note, warn, progress)
         scratch = destination.temporary(out)
         try:
             step, said = replace(options, force=False, format=None), note
