@@ -535,7 +535,9 @@ def _plan(args: argparse.Namespace) -> int:
     from phi_rules import pipeline
 
     _quiet_libraries()
-    if not args.rules and args.to is not None:
+    if args.rules:
+        (rules,) = _rules_for(args, [args.rules])
+    else:
         from phi_rules.detect import route
 
         chain = route(args.source, _detected(args), args.to)
@@ -545,7 +547,7 @@ def _plan(args: argparse.Namespace) -> int:
                 f"{args.source}: --to {args.to} goes through rule {first.name}, then {then}; apply runs them in a "
                 f"row, plan shows one rule: plan --source {args.source} --to {first.target.names[0]}"
             )
-    (rules,) = _rules_for(args, [args.rules] if args.rules else [])
+        (rules,) = chain
     result = pipeline.plan(rules, _options(args), note=_note(args.json or args.quiet))
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -603,40 +605,26 @@ def _apply(args: argparse.Namespace) -> int:
     _quiet_libraries()
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    if not args.rules:
+    if args.rules:  # several rule files: one folder each
+        named = _rules_for(args, args.rules)
+        runs = [([r], args.out if len(named) == 1 else args.out / r.name) for r in named]
+    else:
         from phi_rules.detect import route
 
         chain = route(args.source, _detected(args), args.to)
         r = chain[0]
         said = f"{args.source}: {r.layout} layout: rule {r.name} ({r.display}) writes {r.target.architecture}"
         _note(args.quiet)(said + "".join(f", then rule {n.name} ({n.display}) {n.target.layout}" for n in chain[1:]))
-        if len(chain) > 1:
-            last = pipeline.convert_through(
-                chain,
-                args.out,
-                _options(args),
-                note=_note(args.quiet),
-                warn=_warn,
-                progress=_progress_factory(args.quiet),
-            )
-            if not args.quiet:
-                print(
-                    f"{args.out}: {chain[-1].target.layout}, {len(last.tensors)} tensors, {_human(last.total_bytes)}",
-                    file=sys.stderr,
-                )
-            return 0
-    all_rules = _rules_for(args, args.rules) if args.rules else chain
+        runs = [(chain, args.out)]
     options = _options(args)
-    for rules in all_rules:
-        out = args.out if len(all_rules) == 1 else args.out / rules.name
-        result = pipeline.convert(
-            rules, out, options, note=_note(args.quiet), warn=_warn, progress=_progress_factory(args.quiet)
+    for chain, out in runs:
+        result = pipeline.convert_through(
+            chain, out, options, note=_note(args.quiet), warn=_warn, progress=_progress_factory(args.quiet)
         )
         if not args.quiet:
-            print(
-                f"{out}: {rules.target.architecture}, {len(result.tensors)} tensors, {_human(result.total_bytes)}",
-                file=sys.stderr,
-            )
+            last = chain[-1].target
+            what = last.architecture if len(chain) == 1 else last.layout  # a route ends in a layout
+            print(f"{out}: {what}, {len(result.tensors)} tensors, {_human(result.total_bytes)}", file=sys.stderr)
     return 0
 
 

@@ -134,9 +134,8 @@ def route(source: object, fits: list[Fit], to: str | None = None) -> list[Rules]
     """The rules to run in order: the one that fits (and writes ``to``), or, where none writes ``to`` from this
     layout, two in a row: one that fits, then the one that reads what it writes and writes ``to`` (phi-msft to
     today's Phi, then today's Phi to transformers-4.36)."""
-    already = any(f.fits and to == f.rules.layout for f in fits)  # the source is in that layout: nothing to route
-    if to is None or already or any(f.fits and to in f.rules.target.names for f in fits):
-        return [chosen(source, fits, to)]
+    if to is None or any(f.fits and (to == f.rules.layout or to in f.rules.target.names) for f in fits):
+        return [chosen(source, fits, to)]  # one rule writes it, or the source is in that layout already
     for first in (f.rules for f in fits if f.fits and not f.rules.converted):
         then = [f.rules for f in fits if f.rules.layout in first.target.names and to in f.rules.target.names]
         if len(then) == 1:

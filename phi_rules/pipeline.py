@@ -203,7 +203,6 @@ def convert(
     progress: Callable[[Plan], Progress] = lambda _: lambda _n: None,
 ) -> Plan:
     """Convert one rule's source into ``out``, a folder ``from_pretrained`` loads; returns the plan used."""
-    _refuse_converted(rules, options or Options())
     return convert_through([rules], out, options, note=note, warn=warn, progress=progress)
 
 
@@ -222,6 +221,7 @@ def convert_through(
     if not chain:
         raise PhiRulesError("no rules to run")
     options = options or Options()
+    _refuse_converted(chain[0], options)
     if options.verify is not None and len(chain) > 1:
         raise PhiRulesError("--verify proves one rule's output against its source: apply the rules one at a time")
     out = destination.absolute(Path(out))

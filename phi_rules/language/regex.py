@@ -10,6 +10,7 @@ the rules use, named groups ``(?P<name>…)`` included; ``validate`` reports a p
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from typing import Protocol
 
 import re2  # type: ignore[import-untyped]
@@ -59,10 +60,16 @@ def compile(text: str) -> Pattern:
     return compiled
 
 
+@cache
+def _peft_key(key: str) -> Pattern | None:
+    try:
+        return compile(rf"(.*\.)?({key})")
+    except RegexError:
+        return None
+
+
 def peft_key_matches(key: str, module: str) -> bool:
     """Whether a ``rank_pattern``/``alpha_pattern`` key applies to a module, as PEFT decides it
-    (``re.match(rf"(.*\\.)?({key})$", module)``); a key RE2 refuses matches nothing."""
-    try:
-        return compile(rf"(.*\.)?({key})").fullmatch(module) is not None
-    except RegexError:
-        return False
+    (``re.match(rf"(.*\\.)?({key})$", module)``); a key RE2 refuses matches nothing. Each key is compiled once."""
+    pattern = _peft_key(key)
+    return pattern is not None and pattern.fullmatch(module) is not None

@@ -46,13 +46,14 @@ def _regex(value: str, spec: AdapterSpec) -> str:
 def _patterns(config: dict[str, Any], spec: AdapterSpec, modules: list[str], problems: list[str]) -> None:
     """Rewrite the pattern keys; give each fused module the rank and alpha that keep its parts' scale."""
     parts = {name for name, targets in spec.modules.items() if set(targets) & set(spec.fused)}
+    part_of = {m: leaf for m in modules if (leaf := m.rsplit(".", 1)[-1]) in parts}  # module -> its part's name
     for field in ("rank_pattern", "alpha_pattern"):
         value = config.get(field) or {}
         if not isinstance(value, dict):
             problems.append(f"{field}: expected a mapping of module patterns to numbers, not {value!r}")
             continue
         for key in value:
-            hit = next((m for m in modules if m.rsplit(".", 1)[-1] in parts and regex.peft_key_matches(key, m)), None)
+            hit = next((m for m in part_of if regex.peft_key_matches(key, m)), None)
             if hit is not None:
                 problems.append(
                     f"{field}: {key!r} sets {hit} apart from the other parts of its fused module; fusing needs "
@@ -62,7 +63,7 @@ def _patterns(config: dict[str, Any], spec: AdapterSpec, modules: list[str], pro
     r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     if not spec.fused or not isinstance(r, int) or not isinstance(alpha, int | float):
         return
-    present = {spec.modules[m.rsplit(".", 1)[-1]][0] for m in modules if m.rsplit(".", 1)[-1] in parts}
+    present = {spec.modules[leaf][0] for leaf in part_of.values()}
     for module, n in spec.fused.items():
         if module not in present:  # PEFT warns about a pattern key that matches no module
             continue

@@ -316,9 +316,8 @@ class _Planner:
                     continue
                 inputs = [entries[n] for n in names]
                 specs = [ops.Spec(e.shape, e.dtype) for e in inputs]
-                given = [
-                    None if hit is None else ops.Spec(entries[hit[0]].shape, entries[hit[0]].dtype) for hit in group
-                ]
+                each = iter(specs)
+                given = [None if hit is None else next(each) for hit in group]  # None: an absent input
                 values: list[Value] = [e.value for e in inputs]
                 bound: list[ops.Op] = []
                 start = inputs[0].shape  # what `input` names: the run's first shape (after a split or concat)
@@ -368,7 +367,7 @@ def make_plan(
     base model's config, for the fields the adapter's own config lacks."""
     overrides = overrides or {}
     problems: list[Diagnostic] = []
-    src = source_config(rules, found_config, overrides, base)
+    src = source_config(rules, found_config, overrides, base if rules.target.adapter else None)  # --base: adapters
     shapes = {n: i.shape for n, i in tensors.items()}
     config = target_config(rules, src, found_config, overrides, problems, shapes)
     entries = {n: Entry(i, i.shape, i.dtype, ()) for n, i in tensors.items()}
