@@ -416,6 +416,35 @@ def test_disk_full_leaves_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_each_shard_gets_its_room_before_a_byte_is_copied(tmp_path: Path) -> None:
+    """The writer asks for every shard's final size when it opens it: a file system without room refuses
+    there, before any copy (here a file-size limit below the shard's size, as a full disk refuses)."""
+    import errno
+    import resource
+
+    from phi_rules.write.safetensors import SafetensorsWriter
+
+    plan = phi_rules.plan(phi_rules.load_rules(PHI2), phi_rules.Options(source=phi_rules.SourceOptions(good(tmp_path))))
+    data = sum(t.nbytes for t in plan.tensors)  # the shard holds these bytes after its header
+    (tmp_path / "room").mkdir()
+    writer = SafetensorsWriter(tmp_path / "room", plan.tensors, 1 << 40, {})
+    try:
+        (shard,) = writer.names
+        assert os.stat(tmp_path / "room" / shard).st_blocks * 512 >= data  # blocks held, no data written yet
+    finally:
+        writer.close()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (data // 2, hard))
+    try:
+        with pytest.raises(OSError) as refused:
+            SafetensorsWriter(tmp_path / "room", plan.tensors, 1 << 40, {})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, before)
+    assert refused.value.errno == errno.EFBIG and str(refused.value.filename).endswith(shard)
+
+
 def test_force_replacing_a_good_folder_keeps_it_when_the_new_conversion_fails(cli, tmp_path: Path) -> None:
     src = good(tmp_path)
     assert cli("apply", PHI2, "--source", src, "--out", tmp_path / "out", "--quiet")[0] == 0

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from phi_rules.language.ops import Segment
 from phi_rules.planning.planner import PlannedTensor
 from phi_rules.source.header import ST_CODES
-from phi_rules.write.stream import Run, join, pwrite_all
+from phi_rules.write.stream import Run, join, pwrite_all, reserve
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +78,8 @@ class SafetensorsWriter:
                 self.where[t.name] = (i, offset)
                 offset += t.nbytes
         self.fds = [os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for name in self.names]
+        for fd, name, tensors_i, header_len in zip(self.fds, self.names, self.shards, self.header_len, strict=True):
+            reserve(fd, 8 + header_len + sum(t.nbytes for t in tensors_i), str(folder / name))
 
     def order(self) -> list[PlannedTensor]:
         return [t for s in self.shards for t in s]
