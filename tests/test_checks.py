@@ -116,8 +116,8 @@ def test_view_does_not_divide(refused, tmp_path: Path) -> None:
         "--set",
         "num_attention_heads=5",
         expect=[
-            "step 'split-qkv': for model.layers.0.self_attn.query_key_value.weight: view(5, 3, -1, 64) does not fit "
-            "input shape [192, 64]"
+            "step 'split-qkv': for model.layers.0.self_attn.query_key_value.bias: view(5, 3, -1) does not fit "
+            "input shape [192]"
         ],
     )
 

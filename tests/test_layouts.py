@@ -23,6 +23,8 @@ from phi_reference import (
 )
 from safetensors.torch import load_file
 
+import phi_rules
+
 HEAD64 = MsftConfig(vocab_size=80, n_embd=128, n_layer=2, n_head=2, rotary_dim=32)
 HEAD80 = MsftConfig(vocab_size=80, n_embd=160, n_layer=2, n_head=2, rotary_dim=32, n_inner=200)
 
@@ -215,3 +217,34 @@ def test_mixformer_round_trips_bit_for_bit(cli, tmp_path: Path) -> None:
     _same_bytes(
         load_file(tmp_path / "today" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     )
+
+
+def test_a_transform_runs_on_each_tensor_of_a_module_and_view_keeps_the_rest(cli, tmp_path: Path) -> None:
+    """Short-form transform names are modules (Wqkv: its weight and its bias, one step), and `...` last in a
+    view is the input's dimensions after its first: [-1, 2, ...] pairs the rows of the weight ([n, 2, hidden])
+    and of the bias ([n, 2]) alike. The rule's derived backward undoes it, bit for bit."""
+    cfg = HEAD64
+    src = msft(tmp_path / "src", random_state(cfg, torch.float32, seed=26), cfg, "safetensors", 1)
+    rule = tmp_path / "paired.yaml"
+    rule.write_text(
+        f"version: 1\nname: paired\nextends: {ROOT / 'rules' / 'phi-2.yaml'}\n"
+        """edit_steps:
+  - name: swap-row-pairs
+    before: split-qkv
+    transform:
+      from: transformer.h.{i}.mixer.Wqkv
+      ops: [{view: [-1, 2, ...]}, {transpose: [0, 1]}, {reshape: input}]
+      to: transformer.h.{i}.mixer.Wqkv
+"""
+    )
+    code, _, err = cli("apply", rule, "--source", src, "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for p in ("weight", "bias"):
+        wqkv = before[f"transformer.h.1.mixer.Wqkv.{p}"]
+        paired = wqkv.view(-1, 2, *wqkv.shape[1:]).transpose(0, 1).reshape(wqkv.shape)
+        assert torch.equal(after[f"model.layers.1.self_attn.q_proj.{p}"], paired[: cfg.n_embd])
+        assert not torch.equal(paired, wqkv)
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=tmp_path / "out"))
+    phi_rules.convert(phi_rules.load_rules(rule, backward=True), tmp_path / "back", options)
+    _same_bytes(before, load_file(tmp_path / "back" / "model.safetensors"))

@@ -57,6 +57,9 @@ def _dim(dim: int, rank: int, what: str) -> int:
     return dim % rank
 
 
+REST = "..."  # last in a view or reshape: the input's dimensions after its first
+
+
 def _ints(nodes: tuple[expr.Node, ...], env: Mapping[str, expr.Value]) -> tuple[int, ...]:
     values = [expr.evaluate(n, env) for n in nodes]
     for v in values:
@@ -236,22 +239,33 @@ class Concat(Op):
 
 @dataclass(frozen=True)
 class View(Op):
-    """A new shape without copying (``dims`` None: ``input``, the run's first shape); ``reshape`` may copy."""
+    """A new shape without copying (``dims`` None: ``input``, the run's first shape); ``reshape`` may copy.
+    ``rest``: the shape ends with ``...``, the input's dimensions after its first, so that one view serves a
+    weight and its bias."""
 
     name: ClassVar[str] = "view"
     dims: tuple[expr.Node, ...] | None
+    rest: bool = False
 
     @classmethod
     def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
         if arg == "input":
             return cls(None)
-        nodes = tuple(n for i, d in enumerate(arg) if (n := ctx.parse((*ctx.path, cls.name, i), d)) is not None)
+        if REST in arg[:-1]:
+            ctx.error(
+                (*ctx.path, cls.name, arg.index(REST)), f"{REST} stands last in a {cls.name}: the dims after the first"
+            )
+        dims = [(i, d) for i, d in enumerate(arg) if d != REST]
+        nodes = tuple(n for i, d in dims if (n := ctx.parse((*ctx.path, cls.name, i), d)) is not None)
         if sum(1 for n in nodes if n == expr.Const(-1)) > 1:
             ctx.error(ctx.path, f"{cls.name} may infer (-1) only one dimension")
-        return cls(nodes)
+        return cls(nodes, bool(arg) and arg[-1] == REST)
 
     def bind(self, env: Mapping[str, expr.Value], input_shape: Shape, specs: list[Spec]) -> Op:
-        return replace(self, dims=_consts(input_shape if self.dims is None else _ints(self.dims, env)))
+        if self.dims is None:
+            return replace(self, dims=_consts(input_shape))
+        rest = specs[0].shape[1:] if self.rest and specs else ()
+        return replace(self, dims=_consts(_ints(self.dims, env) + tuple(rest)), rest=False)
 
     def _shape(self, spec: Spec) -> Shape:
         dims = list(_values(self.dims or ()))
@@ -277,7 +291,7 @@ class View(Op):
         return [t.view(*_values(self.dims or ())) for t in tensors]
 
     def __str__(self) -> str:
-        return f"{self.name}({', '.join(map(str, _values(self.dims or ())))})"
+        return f"{self.name}({', '.join([*map(str, _values(self.dims or ())), *([REST] if self.rest else [])])})"
 
 
 @dataclass(frozen=True)

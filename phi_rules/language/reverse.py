@@ -24,6 +24,7 @@ from typing import Any
 from phi_rules.errors import Diagnostic
 from phi_rules.language.expr import CONSTANTS
 from phi_rules.language.located_yaml import Located
+from phi_rules.language.ops import REST
 
 _SPEC = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
 
@@ -88,7 +89,8 @@ def _inverse_ops(ops: list[dict[str, Any]]) -> list[dict[str, Any]] | str:
         if kind in ("view", "reshape"):
             shape = _START if arg == "input" else list(arg)
         elif kind in ("transpose", "permute"):
-            shape = [shape[d] for d in _permutation(kind, arg, len(shape))] if isinstance(shape, list) else None
+            moved = [shape[d] for d in _permutation(kind, arg, len(shape))] if isinstance(shape, list) else None
+            shape = moved if moved is None or REST not in moved[:-1] else None  # ``...`` stays last
         elif kind == "split":
             shape = _START
         else:

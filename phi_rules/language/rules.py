@@ -172,6 +172,9 @@ def _pointer(path: Iterable[str | int]) -> str:
     return "/".join(str(p) for p in path)
 
 
+# A short-form name is a module: this group takes what lies under it (``.weight``, ``.lora_A.weight``, nothing).
+UNDER_PATTERN = f"(?P<{shortform.UNDER}>(?:\\.[^.]+)*)"
+
 _ONE_OF_HINTS = {
     "step": "a step needs exactly one of 'rename', 'keep', 'drop' or 'transform'",
     "source": "a source needs either 'repo' with 'revision' and 'files', or 'path' (not both)",
@@ -462,7 +465,8 @@ def _absent(c: _Checker, path: YPath, body: dict[str, Any], inputs: int, built: 
 def _short_transform(
     c: _Checker, path: YPath, name: str, optional: bool, body: dict[str, Any], known: Mapping[str, str]
 ) -> Transform | None:
-    """A transform written in the short form: ``from`` names with ``{placeholders}``, ``to`` likewise."""
+    """A transform written in the short form: ``from`` names with ``{placeholders}``, ``to`` likewise. Each name
+    is a module, as in renames: the ops run on every tensor under it (a weight and its bias) alike."""
     froms = body["from"] if isinstance(body["from"], list) else [body["from"]]
     patterns: list[regex.Pattern | None] = []
     kinds: dict[str, str] = {}
@@ -475,7 +479,7 @@ def _short_transform(
             patterns.append(None)
             continue
         kinds |= found
-        patterns.append(c.compile(where, regex))
+        patterns.append(c.compile(where, regex + UNDER_PATTERN))
     count = len(froms)
     built: list[Op] = []
     for j, raw_op in enumerate(body["ops"]):
@@ -488,7 +492,7 @@ def _short_transform(
     tos: list[template.Template | None] = []
     for text in outs:
         try:
-            to = shortform.target(str(text), kinds, known)
+            to = shortform.target(str(text), kinds, known) + f"\\g<{shortform.UNDER}>"
         except shortform.ShortFormError as exc:
             c.error((*path, "transform", "to"), f"{exc.message} (in {text!r} at character {exc.offset + 1})")
             tos.append(None)
@@ -539,7 +543,7 @@ def _short_pairs(
         except shortform.ShortFormError as exc:
             c.error(where, f"{exc.message} (in {target_text!r} at character {exc.offset + 1})")
             continue
-        compiled = c.compile(where, text + f"(?P<{shortform.UNDER}>(?:\\.[^.]+)*)")
+        compiled = c.compile(where, text + UNDER_PATTERN)
         tpl = c.parse_template(where, to, compiled, {**known, **dict.fromkeys(kinds, "placeholder")})
         if compiled is not None and tpl is not None:
             pairs.append((compiled, tpl))
