@@ -214,7 +214,10 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
         "source": {
             "config_file": source.get("config_file", "config.json"),
             "extra_files": source.get("extra_files", []),
-            "config_defaults": {**dict.fromkeys(renames), **(rev.get("config_defaults") or {})},
+            "config_defaults": {
+                **dict.fromkeys([*renames, *(target.get("copy") or []), *(rev.get("fields") or [])]),
+                **(rev.get("config_defaults") or {}),
+            },
         },
         "target": {
             "architecture": rev.get("architecture", ""),

@@ -251,7 +251,7 @@ class _Checker:
                 self.error(
                     path,
                     f"unknown name {name.name!r} in expression{did_you_mean(name.name, known)} (names come "
-                    "from source.config_defaults, target.config, let and the pattern's named groups)",
+                    "from source.fields and config_defaults, target.config, let and the pattern's named groups)",
                 )
 
     def parse_expr(self, path: YPath, value: object, known: Mapping[str, str]) -> expr.Node | None:
@@ -324,8 +324,23 @@ def _build_source(data: dict[str, object], base: Path) -> Source:
         files=_file_specs(raw.get("files", [])),
         config_file=raw.get("config_file", "config.json"),
         extra_files=_file_specs(raw.get("extra_files", [])),
-        config_defaults=dict(raw.get("config_defaults", {})),
+        config_defaults={**dict.fromkeys(raw.get("fields", [])), **raw.get("config_defaults", {})},
     )
+
+
+def _source_names(c: _Checker, raw: object) -> dict[str, str]:
+    """The source fields the expressions may read: ``fields`` (null where absent) and ``config_defaults``. Taken
+    from the raw data, so that a schema error in ``source`` does not make every expression report unknown
+    names as well."""
+    given: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    defaults = given.get("config_defaults")
+    defaults = defaults if isinstance(defaults, dict) else {}
+    fields = given.get("fields")
+    fields = fields if isinstance(fields, list) else []
+    for i, name in enumerate(fields):
+        if name in defaults:
+            c.error(("source", "fields", i), f"{name!r} is declared in fields and in config_defaults: keep one")
+    return {str(k): "source config" for k in [*fields, *defaults]}
 
 
 def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[str, str]) -> Target:
@@ -632,10 +647,7 @@ def _check(
     source = None
     if c.ok(("source",)) and "source" in data and not document.abstract:
         source = _build_source(data, Path(located.position(("source",))[0]).parent)
-    # Names are taken from the raw data so that a schema error in `source` does not make every
-    # expression report unknown names as well.
-    defaults = raw_source.get("config_defaults") if isinstance(raw_source, dict) else None
-    source_names = {str(k): "source config" for k in (defaults if isinstance(defaults, dict) else {})}
+    source_names = _source_names(c, raw_source)
     target = None
     complete = not document.abstract or {"architecture", "config"} <= set(data.get("target") or {})
     if c.ok(("target",)) and "target" in data and complete:
