@@ -474,11 +474,12 @@ def test_two_concurrent_applies_to_one_out(tmp_path: Path) -> None:
 
 def test_a_bug_is_one_line_and_its_traceback_only_shown_with_debug(cli, monkeypatch: pytest.MonkeyPatch) -> None:
     from phi_rules import cli as module
+    from phi_rules.cli import commands
 
-    def broken(_: bool) -> int:
+    def broken(_: object) -> int:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(module, "_list", broken)
+    monkeypatch.setattr(commands, "list_command", broken)
     code, _, err = cli("list")
     assert code == 1 and err.strip() == "error: internal error (RuntimeError: boom); rerun with --debug to report it"
     with pytest.raises(RuntimeError, match="boom"):
