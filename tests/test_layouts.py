@@ -248,3 +248,55 @@ def test_a_transform_runs_on_each_tensor_of_a_module_and_view_keeps_the_rest(cli
     options = phi_rules.Options(source=phi_rules.SourceOptions(source=tmp_path / "out"))
     phi_rules.convert(phi_rules.load_rules(rule, backward=True), tmp_path / "back", options)
     _same_bytes(before, load_file(tmp_path / "back" / "model.safetensors"))
+
+
+SHARED = """version: 1
+name: share
+source:
+  fields: [hidden_size]
+target:
+  architecture: PhiForCausalLM
+  check: false
+  config: {}
+steps:
+  - name: share-a
+    transform:
+      from: a.{i}
+      ops: [{repeat: 2}]
+      to:
+        - b.{i}
+        - c.{i}
+reverse:
+  name: share-back
+  architecture: PhiForCausalLM
+"""
+
+
+def test_repeat_runs_backward_as_take_one_of_equal_copies(tmp_path: Path) -> None:
+    """repeat's inverse takes one of copies that must be equal: the way back gives the tensors bit for bit, and
+    copies that differ (an A matrix that is not shared) stop the conversion with one line, nothing written."""
+    from safetensors.torch import save_file
+
+    rule = tmp_path / "share.yaml"
+    rule.write_text(SHARED)
+    (tmp_path / "src").mkdir()
+    state = {"a.0.weight": torch.randn(4, 3), "a.1.weight": torch.randn(4, 3), "a.1.bias": torch.randn(4)}
+    save_file(state, tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text('{"hidden_size": 3}')
+
+    def convert(rules: phi_rules.Rules, src: Path, out: Path) -> None:
+        phi_rules.convert(rules, out, phi_rules.Options(source=phi_rules.SourceOptions(source=src)))
+
+    convert(phi_rules.load_rules(rule), tmp_path / "src", tmp_path / "out")
+    copies = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(copies) == sorted(f"{m}.{k.split('.', 1)[1]}" for m in "bc" for k in state)
+    backward = phi_rules.load_rules(rule, backward=True)
+    assert [op.name for op in backward.steps[0].ops] == ["take_one"]  # type: ignore[union-attr]
+    convert(backward, tmp_path / "out", tmp_path / "back")
+    _same_bytes(state, load_file(tmp_path / "back" / "model.safetensors"))
+    copies["c.1.weight"][0, 0] += 1
+    save_file(copies, tmp_path / "out" / "model.safetensors")
+    with pytest.raises(phi_rules.PhiRulesError) as stopped:
+        convert(backward, tmp_path / "out", tmp_path / "again")
+    assert "step 'share-a': take_one(2): the 2 copies differ" in str(stopped.value)
+    assert not (tmp_path / "again").exists()

@@ -411,6 +411,39 @@ class Repeat(Op):
 
 
 @dataclass(frozen=True)
+class TakeOne(Op):
+    """``copies`` tensors that must be equal to one: what ``repeat`` undoes (a LoRA A matrix shared by q, k
+    and v, fused back). The bytes are compared when the conversion runs; copies that differ stop it."""
+
+    name: ClassVar[str] = "take_one"
+    copies: int
+
+    @classmethod
+    def build(cls, arg: Any, ctx: BuildContext) -> Op | None:
+        if ctx.count != arg:
+            ctx.error(ctx.path, f"take_one takes {arg} copies, but {ctx.count} tensor(s) are current")
+        return cls(arg)
+
+    def leaves(self, count: int) -> int:
+        return 1
+
+    def infer(self, specs: list[Spec]) -> list[Spec]:
+        if any(s != specs[0] for s in specs):
+            raise OpError(f"{self}: the copies differ in shape or dtype: {[list(s.shape) for s in specs]}")
+        return [specs[0]]
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        import torch
+
+        if not all(torch.equal(tensors[0], t) for t in tensors[1:]):
+            raise OpError(f"{self}: the {self.copies} copies differ, so they are not one tensor repeated")
+        return [tensors[0]]
+
+    def __str__(self) -> str:
+        return f"take_one({self.copies})"
+
+
+@dataclass(frozen=True)
 class BlockDiagonal(Op):
     """Matrices on the diagonal of one, zeros elsewhere: the B matrices of LoRA parts fused into one module
     (their A matrices stacked by ``concat``), so that B·A of the whole is each part's B·A on its rows."""
@@ -485,5 +518,5 @@ class Zeros(Op):
 
 
 OPS: dict[str, type[Op]] = {
-    cls.name: cls for cls in (Split, Concat, View, Reshape, Transpose, Permute, Cast, Repeat, BlockDiagonal)
+    cls.name: cls for cls in (Split, Concat, View, Reshape, Transpose, Permute, Cast, Repeat, TakeOne, BlockDiagonal)
 }

@@ -9,10 +9,12 @@ at the forward lines they come from): steps run in the opposite order, each inve
 - a short-form ``transform`` swaps ``from`` and ``to`` and inverts its ops in reverse order: a split
   becomes a concat along the same dim (the sizes are the inputs' own);
 - ``target.config`` values that are plain field names invert to the same names; ``copy`` stays;
-- view, reshape, transpose and permute are undone by the reshapes and transposes that lead back;
+- view, reshape, transpose and permute are undone by the reshapes and transposes that lead back; a
+  repeat by a take_one of its equal copies (and back), so a transform from several inputs to one inverts;
 - a ``drop`` marked ``recomputed`` (buffers the model computes itself) writes nothing backward;
-- other drops, regex-form steps, ``when`` and ops without an inverse (cast, repeat) make the rule
-  irreversible, and each is reported at its line.
+- other drops, regex-form steps, ``when``, ``absent: zeros``, ops without an inverse (cast, concat and
+  block_diagonal, whose parts' sizes the rule does not state) and an adapter rule's ``target.adapter``
+  make the rule irreversible, and each is reported at its line.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def _inverse_ops(ops: list[dict[str, Any]]) -> list[dict[str, Any]] | str:
         elif kind in ("transpose", "permute"):
             moved = [shape[d] for d in _permutation(kind, arg, len(shape))] if isinstance(shape, list) else None
             shape = moved if moved is None or REST not in moved[:-1] else None  # ``...`` stays last
-        elif kind == "split":
+        elif kind in ("split", "repeat", "take_one"):
             shape = _START
         else:
             return f"uses {kind!r}, which has no inverse in the rule language yet"
@@ -100,6 +102,8 @@ def _inverse_ops(ops: list[dict[str, Any]]) -> list[dict[str, Any]] | str:
         kind, arg = next(iter(op.items()))
         if kind == "split":
             inverse.append({"concat": {"dim": arg["dim"]}})
+        elif kind in ("repeat", "take_one"):  # copies of one tensor <-> one of equal copies
+            inverse.append({"take_one" if kind == "repeat" else "repeat": arg})
         elif kind in ("view", "reshape"):
             if shape is None:
                 return f"uses {kind!r} after a transpose of its run's first shape, whose dims the rule does not name"
@@ -138,15 +142,21 @@ def _step(raw: dict[str, Any], problem: Callable[[str], None]) -> dict[str, Any]
         problem("applies only `when` a condition holds, which the backward direction cannot tell")
         return None
     froms, tos = _as_list(body["from"]), _as_list(body["to"])
-    if len(froms) != 1:
-        problem("joins several inputs; only a transform of one input inverts")
+    if len(froms) != 1 and len(tos) != 1:
+        problem("joins several inputs into several outputs; a transform inverts from one input or to one output")
+        return None
+    if body.get("absent"):
+        problem("stands zeros in for absent inputs, which the backward direction would write as tensors")
         return None
     ops = _inverse_ops(body["ops"])
     if isinstance(ops, str):
         problem(ops)
         return None
-    pairs = [_backward(froms[0], t) for t in tos]
-    return {**head, "transform": {"from": [p for p, _ in pairs], "ops": ops, "to": pairs[0][1]}}
+    if len(froms) == 1:  # one input to its outputs: backward, the outputs are the inputs
+        pairs = [_backward(froms[0], t) for t in tos]
+        return {**head, "transform": {"from": [p for p, _ in pairs], "ops": ops, "to": pairs[0][1]}}
+    pairs = [_backward(f, tos[0]) for f in froms]
+    return {**head, "transform": {"from": pairs[0][0], "ops": ops, "to": [t for _, t in pairs]}}
 
 
 def _renames(config: dict[str, Any]) -> dict[str, str]:
@@ -158,8 +168,14 @@ def _renames(config: dict[str, Any]) -> dict[str, str]:
     }
 
 
+ADAPTER_ONE_WAY = "it is an adapter rule: target.adapter (adapter_config.json) does not invert yet"
+
+
 def one_way(data: dict[str, Any]) -> str | None:
-    """Why a rule cannot run backward (its first step that does not invert), or None when every step does."""
+    """Why a rule cannot run backward (an adapter target, or its first step that does not invert), or None when
+    every step does."""
+    if isinstance(data.get("target"), dict) and "adapter" in data["target"]:
+        return ADAPTER_ONE_WAY
     for i, raw in enumerate(data.get("steps") or []):
         why: list[str] = []
         _step(raw, why.append)
@@ -174,6 +190,9 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
     assert isinstance(data, dict) and isinstance(data.get("reverse"), dict)
     rev: dict[str, Any] = data["reverse"]
     problems: list[Diagnostic] = []
+    if isinstance(data.get("target"), dict) and "adapter" in data["target"]:
+        file, line, col = located.position(("reverse",))
+        problems.append(Diagnostic(ADAPTER_ONE_WAY, file, line, col, "reverse", "reverse"))
     if "architecture" not in rev:
         file, line, col = located.position(("reverse",))
         message = "missing required key 'architecture' (in this file or the base it extends)"
@@ -209,7 +228,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
         "version": data.get("version", 1),
         "name": rev["name"],
         "description": rev.get("description", f"{data.get('name')}, backward."),
-        "layout": target.get("layout", ""),
+        **({"layout": target["layout"]} if target.get("layout") else {}),
         "detect": data.get("detect", False),
         "source": {
             "config_file": source.get("config_file", "config.json"),

@@ -649,10 +649,10 @@ def _check(
         source = _build_source(data, Path(located.position(("source",))[0]).parent)
     source_names = _source_names(c, raw_source)
     target = None
-    complete = not document.abstract or {"architecture", "config"} <= set(data.get("target") or {})
+    raw_target = data.get("target")
+    complete = not document.abstract or (isinstance(raw_target, dict) and {"architecture", "config"} <= set(raw_target))
     if c.ok(("target",)) and "target" in data and complete:
         target = _build_target(c, data, source_names)
-    raw_target = data.get("target")
     raw_config = raw_target.get("config") if isinstance(raw_target, dict) else None
     known = {**source_names, **{str(k): "target config" for k in (raw_config if isinstance(raw_config, dict) else {})}}
     lets = _build_lets(c, data, known)

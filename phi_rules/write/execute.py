@@ -11,6 +11,8 @@ import torch
 
 from phi_rules.cast import cast
 from phi_rules.dtypes import itemsize
+from phi_rules.errors import PhiRulesError
+from phi_rules.language.ops import OpError
 from phi_rules.planning.planner import Computation, Pick, PlannedTensor, Value
 from phi_rules.source.checkpoint import Checkpoint, torch_dtype
 from phi_rules.source.header import TensorInfo
@@ -44,8 +46,11 @@ class Executor:
         comp = value.comp
         if comp not in self.cache:
             tensors = [self._value(inp) for inp in comp.inputs]
-            for op in comp.ops:
-                tensors = op.run(tensors)
+            try:
+                for op in comp.ops:
+                    tensors = op.run(tensors)
+            except OpError as exc:  # what only the bytes show (take_one's copies differ): the conversion stops
+                raise PhiRulesError(f"step {comp.step!r}: {exc}") from None
             self.cache[comp] = [t.to(self.device) for t in tensors]  # zeros for an absent input start on the CPU
         result = self.cache[comp][value.index]
         self.uses[comp] -= 1
