@@ -240,11 +240,12 @@ def test_extends_merges_and_edits_steps_by_name(tmp_path: Path) -> None:
 def test_short_form_is_the_documented_regex_form() -> None:
     from phi_rules.language import shortform
 
-    regex, kinds = shortform.pattern("transformer.h.{i}.mlp.{fc:fc1|fc2}.{p}")
+    regex, kinds = shortform.pattern("transformer.h.{i}.mlp.{fc:fc1|fc2}.{p}", {"i": "int"})
     assert regex == r"transformer\.h\.(?P<i>\d+)\.mlp\.(?P<fc>fc1|fc2)\.(?P<p>[^.]+)"
     assert kinds == {"i": "int", "fc": "text", "p": "text"}
     assert shortform.target("model.layers.{i - 1}.mlp.{fc}.{p}", kinds, ()) == r"model.layers.{i - 1}.mlp.\g<fc>.\g<p>"
-    assert shortform.pattern("a.{x:int}")[1] == {"x": "int"}
+    assert shortform.pattern("a.{x:int}", {})[1] == {"x": "int"}
+    assert shortform.pattern("a.{i}.{layer}", {"layer": "int"})[1] == {"i": "text", "layer": "int"}  # not by letter
 
 
 def test_a_copied_shipped_rule_validates_elsewhere(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -220,6 +220,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
         (("reverse", "config_defaults"), ("source", "config_defaults")),
         (("reverse", "refuse"), ("refuse",)),
         (("let",), ("let",)),
+        (("placeholders",), ("placeholders",)),
     ):
         marks.take(located.subtree(old, new))
     for key in ("target", "source"):
@@ -247,8 +248,9 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
         },
         "steps": steps,
     }
-    if "let" in data:
-        document["let"] = data["let"]
+    for key in ("let", "placeholders"):
+        if key in data:
+            document[key] = data[key]
     if rev.get("refuse"):
         document["refuse"] = rev["refuse"]
     marks.data = document

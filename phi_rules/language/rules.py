@@ -190,6 +190,10 @@ class _Checker:
         self.located = located
         self.diagnostics: list[Diagnostic] = []
         self.bad_paths: list[YPath] = []
+        data = located.data if isinstance(located.data, dict) else {}
+        declared = data.get("placeholders")
+        # Placeholder types the rule declares (``{i: int}``): short-form names read them.
+        self.placeholders: dict[str, str] = dict(declared) if isinstance(declared, dict) else {}
 
     def where(self, path: YPath, *, key: bool = False) -> Where:
         file, line, col = self.located.position(path, key=key)
@@ -488,7 +492,7 @@ def _short_transform(
     for j, text in enumerate(froms):
         where = (*path, "transform", "from", *((j,) if isinstance(body["from"], list) else ()))
         try:
-            regex, found = shortform.pattern(str(text))
+            regex, found = shortform.pattern(str(text), c.placeholders)
         except shortform.ShortFormError as exc:
             c.error(where, f"bad short-form pattern {text!r}: {exc.message} at character {exc.offset + 1}")
             patterns.append(None)
@@ -529,7 +533,7 @@ def _short_when(
     names = dict(known)
     for text in body:
         try:
-            names |= dict.fromkeys(shortform.pattern(str(text))[1], "placeholder")
+            names |= dict.fromkeys(shortform.pattern(str(text), c.placeholders)[1], "placeholder")
         except shortform.ShortFormError:
             continue  # reported with the pair
     return c.parse_expr((*path, "when"), raw["when"], names)
@@ -544,7 +548,7 @@ def _short_pairs(
     for source_text, target_text in body.items():
         where = (*path, source_text)
         try:
-            text, kinds = shortform.pattern(source_text)
+            text, kinds = shortform.pattern(source_text, c.placeholders)
         except shortform.ShortFormError as exc:
             c.error(
                 where, f"bad short-form pattern {source_text!r}: {exc.message} at character {exc.offset + 1}", key=True

@@ -1,25 +1,25 @@
 """The short rename form: dotted names with ``{placeholders}`` instead of regular expressions.
 
-``transformer.h.{i}.mlp.{fc:fc1|fc2}.{p}: model.layers.{i}.mlp.{fc}.{p}`` is exactly the regex form
+``transformer.h.{i}.mlp.{fc:fc1|fc2}.{p}: model.layers.{i}.mlp.{fc}.{p}``, in a rule that declares
+``placeholders: {i: int}``, is exactly the regex form
 
     match: 'transformer\\.h\\.(?P<i>\\d+)\\.mlp\\.(?P<fc>fc1|fc2)\\.(?P<p>[^.]+)'
     to: 'model.layers.\\g<i>.mlp.\\g<fc>.\\g<p>'
 
-In the pattern, literal text matches itself; ``{name}`` matches one dotted segment (``[^.]+``),
-except that the index names ``i j k l m n`` match digits (``\\d+``); ``{name:int}`` matches digits
-whatever the name; ``{name:a|b}`` matches one of the listed words. In the target, ``{name}`` of a
-placeholder inserts its text; any other ``{expression}`` is computed, over config values and the
+In the pattern, literal text matches itself; ``{name}`` matches one dotted segment (``[^.]+``), or
+digits (``\\d+``) where the rule declares it an integer (``placeholders``, usually in the base it extends);
+``{name:int}`` matches digits in that place alone; ``{name:a|b}`` matches one of the listed words. In the
+target, ``{name}`` of a placeholder inserts its text; any other ``{expression}`` is computed, over config values and the
 digit placeholders (which are integers there): ``{i - 1}``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from phi_rules.language import expr
 
-INDEX_NAMES = frozenset("ijklmn")
 UNDER = "_under"  # in renames and keeps: the dotted rest of a name under the module it names (``.weight``)
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
@@ -37,8 +37,9 @@ def _literal(text: str, offset: int) -> str:
     return text
 
 
-def pattern(text: str) -> tuple[str, dict[str, str]]:
-    """The regular expression for a short-form pattern, and each placeholder's kind: ``int`` or ``text``."""
+def pattern(text: str, declared: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """The regular expression for a short-form pattern, and each placeholder's kind: ``int`` or ``text``, as
+    written there (``{i:int}``) or else as the rule declares it (``placeholders``), else text."""
     out: list[str] = []
     kinds: dict[str, str] = {}
     pos = 0
@@ -55,7 +56,7 @@ def pattern(text: str) -> tuple[str, dict[str, str]]:
         if name.startswith("_"):
             raise ShortFormError(f"placeholder {name!r}: names starting with _ are reserved", m.start())
         words = restrict.split("|")
-        if restrict == "int" or (not colon and name in INDEX_NAMES):
+        if restrict == "int" or (not colon and declared.get(name) == "int"):
             kinds[name], regex = "int", r"\d+"
         elif colon and all(w and "." not in w for w in words):
             kinds[name], regex = "text", "|".join(map(re.escape, words))
@@ -87,7 +88,7 @@ def target(text: str, kinds: dict[str, str], known: Collection[str]) -> str:
             if kinds.get(name.name) == "text":
                 raise ShortFormError(
                     f"placeholder type mismatch: {m.group(0)} computes with {name.name!r}, which matches text, "
-                    f"not digits (capture digits with {{{name.name}:int}})",
+                    f"not digits (declare it, placeholders: {{{name.name}: int}}, or write {{{name.name}:int}})",
                     m.start(),
                 )
             if name.name not in kinds and name.name not in known:
