@@ -273,3 +273,41 @@ def test_transformers_436_adapter_converts_with_its_base(cli, tmp_path: Path, do
     verify = ["verify", "--source", tmp_path / "adapter", out, "--base", base, tmp_path / "base-out"]
     code, _, err = cli(*verify)
     assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("layout", "dora"), [("msft", False), ("msft", True), ("mixformer", False)], ids=["lora", "dora", "mixformer"]
+)
+def test_legacy_adapter_round_trips_bit_for_bit(cli, tmp_path: Path, layout: str, dora: bool) -> None:
+    """A legacy adapter -> today's -> back (phi-adapter-to-phi-msft or -to-mixformer-sequential, derived): B's
+    rows and DoRA's magnitude joined back, the one A that q, k and v share taken back (take_one), blocks moved
+    back up for MixFormer, every tensor bit for bit, and adapter_config.json's modules named as PEFT named them
+    on the remote code. An A that q, k and v do not share stops the way back in one line."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    state = random_state(CFG, seed=5)
+    torch.manual_seed(1)
+    targets = ["Wqkv", "out_proj", "fc1", "fc2"]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=dora, init_lora_weights=False)
+    get_peft_model(original(layout, state), lora).save_pretrained(tmp_path / "adapter")
+    code, _, err = cli("apply", "--source", tmp_path / "adapter", "--out", tmp_path / "today", "--quiet")
+    assert code == 0, err
+    code, _, err = cli("apply", "--source", tmp_path / "today", "--out", tmp_path / "same")  # detected: nothing to do
+    assert code == 1 and "already in transformers' PhiForCausalLM layout" in err and "--to" in err
+    back_to = "phi-msft-adapter" if layout == "msft" else "mixformer-sequential-adapter"
+    code, _, err = cli("apply", "--source", tmp_path / "today", "--to", back_to, "--out", tmp_path / "back", "--quiet")
+    assert code == 0, err
+    before = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert sorted(before) == sorted(after)
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    back = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert sorted(back["target_modules"]) == sorted(targets) and back["use_dora"] == dora
+    today = load_file(tmp_path / "today" / "adapter_model.safetensors")
+    today["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"][0, 0] += 1
+    save_file(today, tmp_path / "today" / "adapter_model.safetensors")
+    code, _, err = cli("apply", "--source", tmp_path / "today", "--to", back_to, "--out", tmp_path / "again")
+    assert code == 1 and "the 3 copies differ" in err and "Traceback" not in err
+    assert not (tmp_path / "again").exists()

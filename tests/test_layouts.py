@@ -43,8 +43,8 @@ def transformers_436(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConf
     return folder
 
 
-CANDIDATES = 18  # 3 legacy layouts and back to each, 3 legacy adapter layouts, today's Phi, Phi3 to
-# and from Llama/Mistral, 2024 Phi3, Phi3 adapters to Llama's and Mistral's names and back
+CANDIDATES = 21  # 3 legacy layouts and back to each, 3 legacy adapter layouts and back to 2, today's Phi and
+# today's Phi adapters, Phi3 to and from Llama/Mistral, 2024 Phi3, Phi3 adapters to Llama's and Mistral's names and back
 
 
 def table(out: str) -> list[str]:

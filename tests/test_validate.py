@@ -135,10 +135,8 @@ def test_list_shows_shipped_rules(cli) -> None:
     assert by_name["llama-to-phi3"]["derived_from"] == "phi3-to-llama"
     assert by_name["phi-2"]["one_way"] is None and by_name["phi-to-phi-msft"]["derived_from"] == "phi-2"
     assert by_name["phi-to-mixformer-sequential"]["derived_from"] == "phi-1_5-mixformer-sequential"
-    assert (
-        by_name["phi-msft-adapter"]["one_way"]
-        == "it is an adapter rule: target.adapter (adapter_config.json) does not invert yet"
-    )
+    assert by_name["phi-msft-adapter"]["one_way"] is None and "phi-adapter-to-phi-msft" in by_name
+    assert by_name["llama-adapter-to-phi3"]["one_way"].startswith("fuses modules (target.adapter.fused)")
     assert by_name["phi-1"]["one_way"] == "it has no reverse section"
 
 

@@ -12,9 +12,10 @@ at the forward lines they come from): steps run in the opposite order, each inve
 - view, reshape, transpose and permute are undone by the reshapes and transposes that lead back; a
   repeat by a take_one of its equal copies (and back), so a transform from several inputs to one inverts;
 - a ``drop`` marked ``recomputed`` (buffers the model computes itself) writes nothing backward;
+- an adapter rule's ``target.adapter`` maps each module name back to the one it came from;
 - other drops, regex-form steps, ``when``, ``absent: zeros``, ops without an inverse (cast, concat and
-  block_diagonal, whose parts' sizes the rule does not state) and an adapter rule's ``target.adapter``
-  make the rule irreversible, and each is reported at its line.
+  block_diagonal, whose parts' sizes the rule does not state) and a fused adapter target make the rule
+  irreversible, and each is reported at its line.
 """
 
 from __future__ import annotations
@@ -168,14 +169,36 @@ def _renames(config: dict[str, Any]) -> dict[str, str]:
     }
 
 
-ADAPTER_ONE_WAY = "it is an adapter rule: target.adapter (adapter_config.json) does not invert yet"
+FUSED_ONE_WAY = "fuses modules (target.adapter.fused), whose rank and alpha the backward cannot split"
+
+
+def _fused(data: dict[str, Any]) -> bool:
+    target = data.get("target")
+    return isinstance(target, dict) and isinstance(target.get("adapter"), dict) and bool(target["adapter"].get("fused"))
+
+
+def _adapter(target: dict[str, Any]) -> dict[str, Any] | None:
+    """The backward ``target.adapter``: each module name maps back to the one it came from (q_proj, k_proj and
+    v_proj to Wqkv), path pieces swap; what the backward may be asked to set stays. ``layers_pattern`` is
+    left as the adapter has it."""
+    spec = target.get("adapter")
+    if not isinstance(spec, dict):
+        return None
+    modules: dict[str, list[str]] = {}
+    for old, new in (spec.get("modules") or {}).items():
+        for name in new:
+            back = modules.setdefault(name, [])
+            if old not in back:
+                back.append(old)
+    paths = {new: old for old, new in (spec.get("paths") or {}).items()}
+    return {"modules": modules, "paths": paths, **({"settable": spec["settable"]} if "settable" in spec else {})}
 
 
 def one_way(data: dict[str, Any]) -> str | None:
-    """Why a rule cannot run backward (an adapter target, or its first step that does not invert), or None when
-    every step does."""
-    if isinstance(data.get("target"), dict) and "adapter" in data["target"]:
-        return ADAPTER_ONE_WAY
+    """Why a rule cannot run backward (a fused adapter target, or its first step that does not invert), or
+    None when every step does."""
+    if _fused(data):
+        return FUSED_ONE_WAY
     for i, raw in enumerate(data.get("steps") or []):
         why: list[str] = []
         _step(raw, why.append)
@@ -190,9 +213,9 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
     assert isinstance(data, dict) and isinstance(data.get("reverse"), dict)
     rev: dict[str, Any] = data["reverse"]
     problems: list[Diagnostic] = []
-    if isinstance(data.get("target"), dict) and "adapter" in data["target"]:
+    if _fused(data):
         file, line, col = located.position(("reverse",))
-        problems.append(Diagnostic(ADAPTER_ONE_WAY, file, line, col, "reverse", "reverse"))
+        problems.append(Diagnostic(f"it {FUSED_ONE_WAY}", file, line, col, "reverse", "reverse"))
     if "architecture" not in rev:
         file, line, col = located.position(("reverse",))
         message = "missing required key 'architecture' (in this file or the base it extends)"
@@ -232,6 +255,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
         **({"layout": target["layout"]} if target.get("layout") else {}),
         "detect": data.get("detect", False),
         "source": {
+            **({"files": source["files"]} if _adapter(target) and "files" in source else {}),  # adapter file names
             "config_file": source.get("config_file", "config.json"),
             "extra_files": source.get("extra_files", []),
             "config_defaults": {
@@ -245,6 +269,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
             **{k: target[k] for k in ("check", "dtype", "format", "copy") if k in target},
             **{k: rev[k] for k in ("check", "remote_code") if k in rev},
             **({"layout": data["layout"]} if data.get("layout") else {}),
+            **({"adapter": adapter} if (adapter := _adapter(target)) else {}),
         },
         "steps": steps,
     }
