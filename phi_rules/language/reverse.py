@@ -248,6 +248,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
         marks.take(located.subtree(old, new))
     for key in ("target", "source"):
         marks.values.setdefault((key,), located.position(("reverse",)))
+    adapter = _adapter(target)
     document: dict[str, Any] = {
         "version": data.get("version", 1),
         "name": rev["name"],
@@ -255,7 +256,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
         **({"layout": target["layout"]} if target.get("layout") else {}),
         "detect": data.get("detect", False),
         "source": {
-            **({"files": source["files"]} if _adapter(target) and "files" in source else {}),  # adapter file names
+            **({"files": source["files"]} if adapter and "files" in source else {}),  # adapter file names
             "config_file": source.get("config_file", "config.json"),
             "extra_files": source.get("extra_files", []),
             "config_defaults": {
@@ -269,7 +270,7 @@ def derive(located: Located) -> tuple[Located | None, list[Diagnostic]]:
             **{k: target[k] for k in ("check", "dtype", "format", "copy") if k in target},
             **{k: rev[k] for k in ("check", "remote_code") if k in rev},
             **({"layout": data["layout"]} if data.get("layout") else {}),
-            **({"adapter": adapter} if (adapter := _adapter(target)) else {}),
+            **({"adapter": adapter} if adapter else {}),
         },
         "steps": steps,
     }

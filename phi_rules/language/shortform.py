@@ -9,8 +9,8 @@
 In the pattern, literal text matches itself; ``{name}`` matches one dotted segment (``[^.]+``), or
 digits (``\\d+``) where the rule declares it an integer (``placeholders``, usually in the base it extends);
 ``{name:int}`` matches digits in that place alone; ``{name:a|b}`` matches one of the listed words. In the
-target, ``{name}`` of a placeholder inserts its text; any other ``{expression}`` is computed, over config values and the
-digit placeholders (which are integers there): ``{i - 1}``.
+target, ``{name}`` of a placeholder inserts its text; any other ``{expression}`` is computed, over config
+values and the digit placeholders (which are integers there): ``{i - 1}``.
 """
 
 from __future__ import annotations
