@@ -9,6 +9,7 @@ and the README keeps its promises: short, the common commands on its first scree
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -107,3 +108,82 @@ def test_wpack_tutorial_rule_refuses_alibi(cli: Cli, tmp_path: Path) -> None:
     code, _, err = cli("apply", WPACK_RULE, "--source", src, "--out", tmp_path / "out", "--quiet")
     assert code == 1 and "refused: config.json has no max_position_embeddings" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_generated_reference_is_up_to_date() -> None:
+    """docs/reference/ mirrors the schema, the parser and the docstrings: a change to any of them without
+    `python docs/gen_reference.py` fails here, naming the pages."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "gen_reference.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_schema_key_is_described() -> None:
+    """The rule language reference is generated from the schema's descriptions: none may be missing."""
+    schema = json.loads((ROOT / "schemas" / "phi-rules.schema.json").read_text())
+    undescribed = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, child in node.get("properties", {}).items():
+                if "description" not in child:
+                    undescribed.append(f"{path}/properties/{key}")
+            for key, child in node.items():
+                walk(child, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{path}/{i}")
+
+    walk(schema, "#")
+    assert not undescribed, undescribed
+
+
+def test_reference_names_every_key_and_command() -> None:
+    """What the generator must not lose: every key of the schema, every command and option of the parser."""
+    from phi_rules.cli.parser import build
+
+    language = (ROOT / "docs" / "reference" / "rule-language.md").read_text()
+    for key in (
+        "source.config_defaults",
+        "target.adapter.fused",
+        "reverse.refuse",
+        "rename.match",
+        "block_diagonal.rows",
+    ):
+        assert f"| `{key}` |" in language, key
+    cli = (ROOT / "docs" / "reference" / "cli.md").read_text()
+    sub = next(a for a in build()._actions if a.dest == "command")
+    for name, parser in sub.choices.items():  # type: ignore[union-attr]
+        assert f"\n## {name}\n" in cli, name
+        for action in parser._actions:
+            for option in [] if isinstance(action, argparse._HelpAction) else action.option_strings:
+                assert f"`{option}`" in cli, (name, option)
+
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_is_short_and_opens_with_what_people_run() -> None:
+    lines = README.splitlines()
+    assert len(lines) <= 150, len(lines)
+    first_screen = "\n".join(lines[:40])
+    assert "--to llama --out" in first_screen  # Phi-3/Phi-4 -> Llama
+    assert re.search(r"apply --source \S*lora\S* --to llama", first_screen)  # and its adapter
+
+
+def test_readme_keeps_the_set_up_commands() -> None:
+    """The contract of a fresh clone (CI runs the second; the first converts the shipped example offline)."""
+    assert (
+        "    python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e . && phi-rules apply "
+        "rules/examples/tiny-phi-2.yaml --out out/tiny-phi-2 --force\n" in README
+    )
+    assert (
+        "    python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e '.[test]' && "
+        "python -m pytest -q\n" in README
+    )
+
+
+@pytest.mark.parametrize("link", sorted(set(re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README))))
+def test_readme_links_resolve(link: str) -> None:
+    assert (ROOT / link).is_file(), link
