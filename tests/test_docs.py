@@ -110,6 +110,17 @@ def test_wpack_tutorial_rule_refuses_alibi(cli: Cli, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_tutorial_shows_the_tested_rule() -> None:
+    """Each piece of the rule that the tutorial shows is a piece of the tested file, line for line."""
+    rule = {line.strip() for line in WPACK_RULE.read_text().splitlines()}
+    tutorial = (ROOT / "docs" / "rules" / "writing-a-rule.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", tutorial, re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        for line in block.splitlines():
+            assert "…" in line or "--8<--" in line or line.strip() in rule, line
+
+
 def test_generated_reference_is_up_to_date() -> None:
     """docs/reference/ mirrors the schema, the parser and the docstrings: a change to any of them without
     `python docs/gen_reference.py` fails here, naming the pages."""
