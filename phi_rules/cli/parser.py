@@ -25,7 +25,7 @@ examples:
   phi-rules list                                shipped rules: name, layout, file, description
 
 exit status: 0 success, 1 a problem with the rules, the source or the conversion, 2 bad usage.
-A rule file is YAML checked against `phi-rules schema`; the README documents every key.
+A rule file is YAML checked against `phi-rules schema`; docs/reference/rule-language.md documents every key.
 environment: HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE as huggingface_hub reads them;
 PHI_RULES_CACHE, where source sha256s are remembered by file identity (empty: hash every run).
 """
