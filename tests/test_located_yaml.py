@@ -44,6 +44,9 @@ TEXTS = [
     "a: 'unterminated\n",
     "{a: 1, {b: 2}: 3}\n",  # a mapping as a key (ours)
     "",
+    "v\tersion: 1\n",  # a tab inside a plain scalar: libyaml keeps it, PyYAML refuses it
+    "m: {o? ut: 1}\n",  # "? " inside a plain scalar in a flow mapping: the same
+    "a: {b: }\n",  # an empty value in a flow mapping, which the two composers mark apart
 ]
 
 

@@ -157,7 +157,7 @@ def _build(node: yaml.Node, path: Path, located: Located, loader: yaml.SafeLoade
                 raise YamlSyntaxError(f"duplicate key {key!r}", *_mark(key_node))
             located.keys[(*path, key)] = (file, *_mark(key_node))
             result[key] = _build(value_node, (*path, key), located, loader, file)
-            if _empty(value_node):  # `key:` with nothing after it: the two composers mark nothing differently
+            if _empty(value_node):  # `key: ` with nothing after it: marked at the key, as the composers differ
                 located.values[(*path, key)] = located.keys[(*path, key)]
         return result
     if isinstance(node, yaml.SequenceNode):
