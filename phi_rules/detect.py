@@ -12,6 +12,7 @@ import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
@@ -267,9 +268,10 @@ def chosen(detection: Detection, to: str | None = None) -> Fit:
         raise PhiRulesError(f"{source}: converts to {', '.join(targets)}: pick one with --to {targets[0]}")
     if good:  # several for one target: the user names one (a shipped rule by its name)
         listed = ", ".join(f.rules.name for f in good)
-        said = f"{len(good)} rules fit ({listed}); name one: phi-rules apply {good[0].rules.name} --source {source}"
+        name, src = good[0].rules.name, quote(str(source))
+        said = f"{len(good)} rules fit ({listed}); name one: phi-rules apply {name} --source {src} --out {name}"
     else:
-        said = f"no rule fits; phi-rules detect {source} --all says why each does not"
+        said = f"no rule fits; phi-rules detect {quote(str(source))} --all says why each does not"
     summary = Diagnostic(f"{source}: {said}")
     verdicts = [Diagnostic(f"{f.rules.name} ({f.rules.display}): {'fits' if f.fits else f.reason}") for f in fits]
     raise PhiRulesError([summary, *verdicts])

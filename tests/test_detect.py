@@ -236,7 +236,10 @@ def test_ruling_out_changes_no_verdict(tmp_path: Path, monkeypatch: pytest.Monke
         monkeypatch.setattr(detection, "reads_nothing", lambda rules, names: False)
         planned = detection.detect(src, options).fits
         monkeypatch.undo()
-        assert any(f.plan is None for f in quick)  # some were ruled out
+        assert any(f.plan is None for f in quick)  # some were ruled out, and not those that read the source
+        assert [f.rules.name for f in quick if f.fits] == (
+            ["phi3-to-llama", "phi3-to-mistral"] if src.name == "phi-4" else []
+        )
         assert [(f.rules.name, f.reason, f.reads, f.unconsumed) for f in quick] == [
             (f.rules.name, f.reason, f.reads, f.unconsumed) for f in planned
         ]
