@@ -36,7 +36,7 @@ class Fit:
 
     rules: Rules
     reason: str
-    refusal: str = ""  # a refusal of the rule that holds for this source (only where the rule reads it)
+    refusal: str = ""  # a refusal of the rule that holds for this source (none that names another model type)
     reads: bool = True  # every source tensor is consumed and no refusal says the source is another model type
     given: bool = False  # named by the user (--rules): it wins over shipped rules that fit as well
     unconsumed: tuple[str, ...] = ()  # the source tensors no step consumes
@@ -113,9 +113,9 @@ def reads_nothing(rules: Rules, names: Sequence[str]) -> bool:
     return True
 
 
-def _unconsumed(rules: Rules, unconsumed: Sequence[str]) -> Fit:
+def _unconsumed(rules: Rules, unconsumed: Sequence[str], refusal: str = "") -> Fit:
     reason = f"{len(unconsumed)} source tensor(s) no step consumes, first: {unconsumed[0]}"
-    return Fit(rules, reason, reads=False, unconsumed=tuple(unconsumed))
+    return Fit(rules, reason, refusal, reads=False, unconsumed=tuple(unconsumed))
 
 
 def _other_model(rules: Rules, refusal: str) -> bool:
@@ -129,12 +129,15 @@ def _other_model(rules: Rules, refusal: str) -> bool:
 
 def _verdict(rules: Rules, plan: Plan) -> Fit:
     """Why a rule does not fit (its names first: a refusal of a rule for another layout says little), and the
-    refusal that holds, if any."""
-    if plan.unconsumed:
-        return _unconsumed(rules, plan.unconsumed)
+    refusal that holds, if any, unless it says the source is another model type (then the rule is not its
+    answer: it does not read the source)."""
     refusal = next((p.message for p in plan.problems if p.code == "refused"), "")
     if refusal and _other_model(rules, refusal):
-        return Fit(rules, plan.problems[0].message, reads=False)
+        refusal = ""
+        if not plan.unconsumed:
+            return Fit(rules, plan.problems[0].message, reads=False)
+    if plan.unconsumed:  # a refusal can be why (a DoRA part the fused module cannot take): --to keeps it
+        return _unconsumed(rules, plan.unconsumed, refusal)
     return Fit(rules, plan.problems[0].message, refusal)
 
 
@@ -238,7 +241,7 @@ def _for_target(detection: Detection, to: str) -> list[Fit]:
         targets = sorted({n for f in detection.fits for n in f.rules.target.names})
         hint = did_you_mean(to, targets)
         raise PhiRulesError(f"--to {to}: no rule writes that{hint} (targets: {', '.join(targets)})")
-    refused = [f for f in named if f.refusal]  # only rules that read the source keep their refusal
+    refused = sorted((f for f in named if f.refusal), key=lambda f: not f.reads)  # the rule for this layout first
     if not any(f.fits for f in named) and refused:
         raise PhiRulesError(f"{detection.source}: --to {to} {refused[0].refusal} (rule {refused[0].rules.name})")
     return named
