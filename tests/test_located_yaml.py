@@ -96,3 +96,24 @@ def test_a_changed_file_is_parsed_again(tmp_path: Path) -> None:
     for name in ("first", "second"):
         rule.write_text(f"version: 1\nname: {name}\nextends: {ROOT / 'rules' / 'phi-2.yaml'}\n")
         assert load_rules(rule).name == name
+
+
+def test_a_document_that_passed_the_schema_is_not_checked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Detection checks every shipped rule each run: a document (data and schema) that passed is remembered in
+    PHI_RULES_CACHE; any other document is checked."""
+    import jsonschema
+
+    from phi_rules.language.rules import check_text
+
+    monkeypatch.setenv("PHI_RULES_CACHE", str(tmp_path / "cache"))
+    text = (ROOT / "rules" / "phi-2.yaml").read_text().replace("name: phi-2", "name: remembered")
+    path = ROOT / "rules" / "phi-2.yaml"
+    assert check_text(text, "a.yaml", path) == []
+    calls: list[object] = []
+    real = jsonschema.Draft202012Validator
+    monkeypatch.setattr(jsonschema, "Draft202012Validator", lambda *a: calls.append(a) or real(*a))
+    assert check_text(text, "a.yaml", path) == [] and calls == []
+    wrong = check_text(text + "unknown_key: 1\n", "a.yaml", path)
+    assert len(calls) == 1 and [d.message.split(" (")[0] for d in wrong] == ["unknown key 'unknown_key'"]

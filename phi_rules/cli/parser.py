@@ -27,7 +27,8 @@ examples:
 exit status: 0 success, 1 a problem with the rules, the source or the conversion, 2 bad usage.
 A rule file is YAML checked against `phi-rules schema`; the README documents every key.
 environment: HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE as huggingface_hub reads them;
-PHI_RULES_CACHE, where source sha256s are remembered by file identity (empty: hash every run).
+PHI_RULES_CACHE, where source sha256s (by file identity), passed target checks and rule documents that passed
+the schema are remembered (empty: nothing is; everything is worked out every run).
 """
 
 
