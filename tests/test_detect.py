@@ -270,3 +270,9 @@ def test_apply_reads_and_plans_the_source_once(cli: Cli, tmp_path: Path, monkeyp
     assert code == 0, err
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as fh:
         assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"BF16"}  # noqa: SIM118 - no iteration
+
+
+def test_detect_to_a_target_no_rule_writes(cli: Cli, tmp_path: Path) -> None:
+    src = save(phi3_model(FAMILY["phi-4"]), tmp_path / "src")
+    code, out, err = cli("detect", src, "--to", "lama")
+    assert code == 1 and out == "" and err.startswith("error: --to lama: no rule writes that; did you mean 'llama'?")

@@ -110,13 +110,15 @@ def detected(detection: Any, to: str | None = None) -> tuple[int, list[str]]:
     """``detect``'s answer, first and short: the layout found, each target it can go to (a refused one with its
     reason), and the command to run; or the one line that says why nothing reads the source. Returns the exit
     status (0: there is a command to run, or nothing to do) and the lines."""
-    from phi_rules.detect import missing_config, nothing_reads, what_it_is
+    from phi_rules.detect import chosen, missing_config, nothing_reads, what_it_is
 
     source = detection.source
     for line in (missing_config(detection), nothing_reads(detection)):
         if line is not None:
             return 1, [line]
     fits = [f for f in detection.fits if to is None or to in f.rules.target.names]
+    if not fits:  # --to names no target: the error apply gives (with a did-you-mean)
+        chosen(detection, to)
     good = [f for f in fits if f.fits]
     yours = [f for f in good if f.given]
     if len(yours) == 1 and len(good) > 1:  # a rule the user named wins over shipped ones that fit as well
