@@ -8,8 +8,10 @@ figures, ratios and their ranges over alternating rounds; asserts nothing.
     python bench/convert_bench.py                       # phi-2 shape: 5.6 GB fp16 in two shards
     python bench/convert_bench.py --preset phi-3-mini   # Phi-3-mini shape: 7.6 GB bf16, --to llama
     python bench/convert_bench.py --preset small        # a quick run
+    python bench/convert_bench.py --start-up            # detect and validate beside `import torch` only
 
-Checkpoints are generated once under bench/data/ (git-ignored) and reused.
+Checkpoints are generated once under bench/data/ (git-ignored) and reused; --start-up needs only their
+headers, so it writes the shards sparse (no bytes on disk, nothing random to compute).
 """
 
 from __future__ import annotations
@@ -95,15 +97,12 @@ def msft_tensors(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def generate(shape: Shape, folder: Path) -> None:
-    """Write two safetensors shards tensor by tensor (bounded memory), plus config.json."""
-    import torch
-
-    dtype, code = (torch.bfloat16, "BF16") if shape.phi3 else (torch.float16, "F16")
-
-    folder.mkdir(parents=True, exist_ok=True)
+def shards(shape: Shape) -> list[tuple[str, bytes, list[tuple[str, tuple[int, ...]]], int]]:
+    """Each of the two shards: its file name, its header (length prefix included), its tensors, its data size."""
     items = tensors(shape)
+    code = "BF16" if shape.phi3 else "F16"
     half = len(items) // 2
+    out = []
     for k, part in enumerate((items[:half], items[half:])):
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -113,10 +112,31 @@ def generate(shape: Shape, folder: Path) -> None:
             offset += size
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)
-        with (folder / f"model-{k + 1:05d}-of-00002.safetensors").open("wb") as fh:
-            fh.write(len(raw).to_bytes(8, "little") + raw)
+        out.append((f"model-{k + 1:05d}-of-00002.safetensors", len(raw).to_bytes(8, "little") + raw, part, offset))
+    return out
+
+
+def generate(shape: Shape, folder: Path, *, sparse: bool = False) -> None:
+    """Write two safetensors shards tensor by tensor (bounded memory), plus config.json. ``sparse``: the
+    tensor data is a hole in the file (all that detect reads is the headers)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, header, part, size in shards(shape):
+        with (folder / name).open("wb") as fh:
+            fh.write(header)
+            if sparse:
+                fh.truncate(len(header) + size)
+                continue
+            import torch
+
+            dtype = torch.bfloat16 if shape.phi3 else torch.float16
             for _, dims in part:
                 fh.write((torch.randn(math.prod(dims)) * 0.02).to(dtype).view(torch.int16).numpy().tobytes())
+    (folder / "config.json").write_text(json.dumps(config_of(shape), indent=2))
+    write_index(folder)
+
+
+def config_of(shape: Shape) -> dict[str, object]:
+    """config.json of the generated checkpoint."""
     config = (
         PHI3_CONFIG | {"vocab_size": shape.vocab, "hidden_size": shape.hidden}
         if shape.phi3
@@ -136,8 +156,33 @@ def generate(shape: Shape, folder: Path) -> None:
     )
     if shape.phi3:
         config |= {"num_hidden_layers": shape.layers, "intermediate_size": shape.hidden * 8 // 3}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    write_index(folder)
+    return config
+
+
+def start_up(shape: str, data: Path, rounds: int) -> None:
+    """``detect`` and ``validate rules/`` beside ``import torch``, alternating, medians and per-round ratios."""
+    src = data / f"{shape}-headers"
+    if not (src / "model.safetensors.index.json").exists():
+        generate(PRESETS[shape], src, sparse=True)
+    py = sys.executable
+    commands = {
+        "import torch": [py, "-c", "import torch"],
+        "detect": [py, "-m", "phi_rules", "detect", str(src)],
+        "validate rules/": [py, "-m", "phi_rules", "validate", "rules/"],
+    }
+    walls: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, cmd in commands.items():
+            start = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            walls.setdefault(name, []).append(time.perf_counter() - start)
+    med = {name: statistics.median(w) for name, w in walls.items()}
+    figures = ", ".join(f"{n} {w:.2f} s" for n, w in med.items())
+    print(f"{shape} headers, medians of {rounds} alternating rounds: {figures}")
+    print(
+        f"detect / import torch: {med['detect'] / med['import torch']:.2f}x {spread(walls, 'detect', 'import torch')}"
+        f"   validate rules/: {med['validate rules/']:.2f} s"
+    )
 
 
 def write_index(folder: Path) -> None:
@@ -240,7 +285,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
     parser.add_argument("--rounds", type=int, default=3, help="alternating cp/apply rounds (median reported)")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--start-up", action="store_true", help="only detect and validate beside import torch")
     args = parser.parse_args()
+    if args.start_up:
+        start_up(args.preset, args.data, max(args.rounds, 5))
+        return
     src = args.data / args.preset
     if args.generate_only:
         generate(PRESETS[args.preset], src)

@@ -66,13 +66,24 @@ def _uniform_dtype(plan: Plan) -> str | None:
     return floats.pop() if len(floats) == 1 else None
 
 
-def _planned(rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options) -> Plan:
-    """The plan, checked against the target (or known to pass: an identical plan passed before)."""
-    result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype, resolved.base())
+def _planned(
+    rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options, made: Plan | None
+) -> Plan:
+    """plan → blame: the plan (``made`` by detection where nothing given since changes it: no --set, no
+    --dtype), a problem that only ``--set`` causes said as such, a missing config file said as the cause, and
+    otherwise every problem at once, the target's included. What remains is the check (or its recall) and
+    remembering it, which :func:`plan` and :func:`_write_and_check` do."""
+    result = made if made is not None and not options.overrides and options.dtype is None else None
+    if result is None:
+        result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype, resolved.base())
+    if not result.problems:
+        return result
     _blame_overrides(result, tensors, resolved, options)
-    dtype = _uniform_dtype(result)
-    if result.problems or remembered.recall(remembered.key(result, dtype)) is None:
-        checked(result, dtype)
+    if resolved.config_path is None and rules.source.config_file:
+        from phi_rules.detect import config_not_found
+
+        raise PhiRulesError(config_not_found(rules, resolved, result.problems[0].message))
+    checked(result, _uniform_dtype(result))  # raises: every problem at once, the target's included
     return result
 
 
@@ -80,7 +91,7 @@ def _blame_overrides(
     result: Plan, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options
 ) -> None:
     """A problem that only ``--set`` causes is reported as a ``--set`` problem, in one line."""
-    if not result.problems or not options.overrides:
+    if not options.overrides:
         return
     said = [p for p in result.problems if p.code == "set"]
     if said:
@@ -98,7 +109,11 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
     tensors, resolved = source_tensors(rules, options.source, note)
     for n in resolved.notes:
         note(n)
-    return _planned(rules, tensors, resolved, options)
+    result = _planned(rules, tensors, resolved, options, None)
+    dtype = _uniform_dtype(result)
+    if remembered.recall(remembered.key(result, dtype)) is None:
+        checked(result, dtype)
+    return result
 
 
 def _write_and_check(result: Plan, folder: Path, write: Callable[[], None]) -> None:
@@ -214,10 +229,12 @@ def convert_through(
     note: Callable[[str], None] = lambda _: None,
     warn: Callable[[str], None] = lambda _: None,
     progress: Callable[[Plan], Progress] = lambda _: lambda _n: None,
+    found: tuple[ResolvedSource, Plan | None] | None = None,
 ) -> Plan:
     """Run rules in a row (phi-msft to today's Phi, then to transformers-4.36): each but the last writes a
     folder inside a temporary one beside ``out`` (removed at the end, or by the next run after a kill) that the
-    next reads; the last writes ``out``. Returns the last plan. One rule is a plain conversion."""
+    next reads; the last writes ``out``. Returns the last plan. One rule is a plain conversion. ``found``: the
+    first rule's source as detection resolved it, and the plan it made there (none is made or resolved again)."""
     if not chain:
         raise PhiRulesError("no rules to run")
     options = options or Options()
@@ -229,18 +246,19 @@ def convert_through(
     with destination.locked(out):
         destination.clear_stale(out, note)
         if len(chain) == 1:
-            return _convert(chain[0], out, options, note, warn, progress)
+            return _convert(chain[0], out, options, note, warn, progress, found)
         scratch = destination.temporary(out)
         try:
             step, said = replace(options, force=False, format=None), note
             for rules in chain[:-1]:
                 folder = scratch / rules.name
-                _convert(rules, folder, step, said, lambda _: None, progress)
+                _convert(rules, folder, step, said, lambda _: None, progress, found)
+                found = None
                 said = lambda _: None  # noqa: E731 - what later steps would note is about the scratch folder
                 read = SourceOptions(source=folder, cache_dir=options.source.cache_dir, offline=True)
                 step = replace(options, source=read, overrides={}, dtype=None, force=False, format=None)
             last = replace(step, force=options.force, format=options.format)
-            return _convert(chain[-1], out, last, said, warn, progress)
+            return _convert(chain[-1], out, last, said, warn, progress, None)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -263,10 +281,13 @@ def _convert(
     note: Callable[[str], None],
     warn: Callable[[str], None],
     progress: Callable[[Plan], Progress],
+    found: tuple[ResolvedSource, Plan | None] | None,
 ) -> Plan:
+    """One rule, top to bottom: the destination, the source (resolved, or as detection found it), the plan and
+    its problems, then the bytes beside the target check, verify, and the rename that publishes."""
     destination.prepare(out, options.force, [*(f.name for f in rules.source.extra_files), *TOKENIZER_FILES])
     _check_device(options.device)
-    resolved = resolve(rules, options.source)
+    resolved, made = found if found is not None else (resolve(rules, options.source), None)
     files = [*resolved.weights, *resolved.extras, *([resolved.config_path] if resolved.config_path else [])]
     destination.refuse_overlap(out, [*files, *(p.parent for p in files)])  # hub snapshots and their blobs
     for n in resolved.notes:
@@ -280,12 +301,7 @@ def _convert(
     tmp = destination.temporary(out)
     try:
         with _interruptible() as interrupted, Checkpoint(resolved.weights) as ckpt:
-            result = make_plan(
-                rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype, resolved.base()
-            )
-            _blame_overrides(result, ckpt.tensors, resolved, options)
-            if result.problems:  # every problem at once, the target's included; nothing written
-                checked(result, _uniform_dtype(result))
+            result = _planned(rules, ckpt.tensors, resolved, options, made)  # nothing written on a problem
             shown = progress(result)
             _write_and_check(
                 result, tmp, lambda: output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)

@@ -696,7 +696,7 @@ def test_a_rule_the_user_names_wins_detection(cli, tmp_path: Path) -> None:
     """A user's rule that extends a shipped one fits exactly where the shipped one does: it wins, and says so."""
     src = good(tmp_path)
     mine = rule(tmp_path, f"version: 1\nname: mine\nextends: {PHI2}\n")
-    code, out, err = cli("detect", src, "--rules", mine)
+    code, out, err = cli("detect", src, "--rules", mine, "--all")
     assert code == 0, out + err
     assert "yes, yours" in out and f"{src}: your rule mine fits and wins over the shipped phi-2" in out
     code, out, _ = cli("detect", src, "--rules", mine, "--json")

@@ -170,7 +170,7 @@ def test_each_refusal_guards_a_real_difference(
 
 def test_detect_lists_every_target_and_why_not(cli: Cli, tmp_path: Path) -> None:
     src = save(phi3_model(FAMILY["phi-3-mini-4k"]), tmp_path / "src")
-    code, out, _ = cli("detect", src)
+    code, out, _ = cli("detect", src, "--all")
     assert code == 0, out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("phi3-to", "llama-to"))}
     assert rows["phi3-to-mistral"].split()[3] == "yes"

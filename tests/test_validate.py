@@ -42,8 +42,19 @@ def test_broken_corpus_is_large_enough() -> None:
     assert len(BROKEN) >= 15
 
 
+@pytest.fixture(params=["libyaml", "python"])
+def composer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The located YAML from libyaml's composer, then from the pure-Python one: the same errors on both."""
+    from phi_rules.language import located_yaml
+
+    if request.param == "libyaml" and not located_yaml.LIBYAML:
+        pytest.skip("PyYAML was built without libyaml")
+    monkeypatch.setattr(located_yaml, "LIBYAML", request.param == "libyaml")
+    return str(request.param)
+
+
 @pytest.mark.parametrize("path", BROKEN, ids=lambda p: p.stem)
-def test_broken_file_is_rejected_with_location(path: Path, cli) -> None:
+def test_broken_file_is_rejected_with_location(path: Path, cli, composer: str) -> None:
     expect = path.read_text().splitlines()[0].removeprefix("# expect: ")
     line, col, pointer, message = re.fullmatch(r"(\d+):(\d+): ([^:]*): (.*)", expect).groups()  # type: ignore[union-attr]
     found = check_file(path)

@@ -119,57 +119,34 @@ def _options(args: argparse.Namespace) -> Options:
 
 def detect_command(args: argparse.Namespace) -> int:
     from phi_rules.detect import detect
+    from phi_rules.language.document import rule_path
     from phi_rules.options import Options, SourceOptions
     from phi_rules.source.resolve import source_argument
 
     path, hub = source_argument(str(args.source))
     options = Options(source=SourceOptions(path, hub, None, args.cache_dir, args.offline, args.token))
-    from phi_rules.language.document import rule_path
-
-    fits = detect(args.source, options, [rule_path(r) for r in args.rules])
-    good = [f for f in fits if f.fits]
+    detection = detect(args.source, options, [rule_path(r) for r in args.rules])
+    code, answer = show.detected(detection, args.to)
     if args.json:
-        print(json.dumps({"source": str(args.source), "fits": [f.to_json() for f in fits]}, indent=2))
-        return 0 if len(good) == 1 or sum(f.given for f in good) == 1 else 1
-    if args.to is not None:
-        fits = [f for f in fits if args.to in f.rules.target.names] or fits
-    good = [f for f in fits if f.fits]
-    rows = [
-        (
-            f.rules.name,
-            f.rules.layout or "-",
-            f.rules.target.names[0],
-            ("yes, yours" if f.given else "yes") if f.fits else "no",
-            show.short(f.reason),
-        )
-        for f in fits
-    ]
-    show.table(("rule", "layout", "target", "fits", "why not"), rows)
-    yours = [f for f in good if f.given]
-    if len(yours) == 1 and len(good) > 1:  # a rule the user named wins over shipped ones that fit as well
-        others = ", ".join(f.rules.name for f in good if not f.given)
-        print(f"\n{args.source}: your rule {yours[0].rules.name} fits and wins over the shipped {others}")
-        return 0
-    done = [f for f in good if f.rules.converted]
-    if done:
-        back = [f.rules.target.names[0] for f in good if not f.rules.converted]
-        more = f"; --to {', '.join(back)} converts it back" if back else ""
-        print(f"\n{args.source}: already in today's layout: load it with from_pretrained, no conversion needed{more}")
-        return 0
-    if len(good) == 1:  # --to where other rules read this layout too (refused ones, say)
-        rival = any(f.rules.layout == good[0].rules.layout and f is not good[0] for f in fits)
-        to = f" --to {good[0].rules.target.names[0]}" if rival else ""
-        print(f"\n{args.source}: {good[0].rules.layout} layout: phi-rules apply --source {args.source}{to} --out DIR")
-    elif len({f.rules.target.names[0] for f in good}) == len(good) > 1:
-        targets = [f.rules.target.names[0] for f in good]
-        print(
-            f"\n{args.source}: {good[0].rules.layout} layout, converts to {', '.join(targets)}: "
-            f"phi-rules apply --source {args.source} --to {targets[0]} --out DIR"
-        )
-        return 0
-    else:
-        print(f"\n{args.source}: {'no rule fits' if not good else 'several rules fit'}")
-    return 0 if len(good) == 1 else 1
+        verdicts = [f.to_json() for f in detection.fits]
+        print(json.dumps({"source": str(args.source), "answer": answer, "fits": verdicts}, indent=2))
+        return code
+    if args.all:
+        fits = [f for f in detection.fits if args.to in f.rules.target.names] if args.to else detection.fits
+        rows = [
+            (
+                f.rules.name,
+                f.rules.layout or "-",
+                f.rules.target.names[0],
+                ("yes, yours" if f.given else "yes") if f.fits else "no",
+                show.short(f.reason),
+            )
+            for f in fits or detection.fits
+        ]
+        show.table(("rule", "layout", "target", "fits", "why not"), rows)
+        print()
+    print("\n".join(answer))
+    return code
 
 
 def _written_type(folder: Path) -> str | None:
@@ -212,20 +189,22 @@ def verify_command(args: argparse.Namespace) -> int:
 
 def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     """The named rule files, or the one that detection finds for --source."""
-    from phi_rules.detect import chosen
     from phi_rules.language.rules import load_ref
 
     if paths:
         return [load_ref(r) for r in paths]  # every file is checked before any work starts
-    return [chosen(args.source, _detected(args), getattr(args, "to", None))]
+    return [f.rules for f in _route(args, one=True)]
 
 
-def _detected(args: argparse.Namespace) -> list[Any]:
-    """Every candidate's verdict on --source."""
-    from phi_rules.detect import detect
+def _route(args: argparse.Namespace, one: bool = False) -> list[Any]:
+    """Detection, once: the verdict (a ``Fit``) of each rule to run on --source, in order (one, or two in a row
+    where no rule writes --to from this layout); ``one``: the one rule that writes --to."""
+    from phi_rules.detect import chosen, detect, route
 
     found = _options(args)  # the layout is the source's own: --set shapes the plan, --tokenizer the output
-    return detect(args.source, replace(found, overrides={}, source=replace(found.source, tokenizer=None)))
+    detection = detect(args.source, replace(found, overrides={}, source=replace(found.source, tokenizer=None)))
+    to = getattr(args, "to", None)
+    return [chosen(detection, to)] if one else route(detection, to)
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -235,14 +214,13 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.rules:
         (rules,) = _rules_for(args, [args.rules])
     else:
-        from phi_rules.detect import route
-
-        chain = route(args.source, _detected(args), args.to)
+        chain = [f.rules for f in _route(args)]
         if len(chain) > 1:
             first, then = chain[0], ", then ".join(r.name for r in chain[1:])
             raise PhiRulesError(
                 f"{args.source}: --to {args.to} goes through rule {first.name}, then {then}; apply runs them in a "
-                f"row, plan shows one rule: plan --source {args.source} --to {first.target.names[0]}"
+                f"row, plan shows one rule: phi-rules plan --source {show.quoted(args.source)} "
+                f"--to {first.target.names[0]}"
             )
         (rules,) = chain
     result = pipeline.plan(rules, _options(args), note=show.note(args.json or args.quiet))
@@ -275,23 +253,31 @@ def apply_command(args: argparse.Namespace) -> int:
     show.quiet_libraries()
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    options = _options(args)
+    found = None  # what detection read and planned of the source, where the conversion would do the same
     if args.rules:  # several rule files: one folder each
         named = _rules_for(args, args.rules)
         runs = [([r], args.out if len(named) == 1 else args.out / r.name) for r in named]
     else:
-        from phi_rules.detect import route
-
-        chain = route(args.source, _detected(args), args.to)
+        fits = _route(args)
+        chain = [f.rules for f in fits]
         r = chain[0]
         said = f"{args.source}: {r.layout} layout: rule {r.name} ({r.display}) writes {r.target.architecture}"
         show.note(args.quiet)(
             said + "".join(f", then rule {n.name} ({n.display}) {n.target.layout}" for n in chain[1:])
         )
         runs = [(chain, args.out)]
-    options = _options(args)
+        if fits[0].source is not None and options.source.tokenizer is None:
+            found = (fits[0].source, fits[0].plan)
     for chain, out in runs:
         result = pipeline.convert_through(
-            chain, out, options, note=show.note(args.quiet), warn=show.warn, progress=show.progress_factory(args.quiet)
+            chain,
+            out,
+            options,
+            note=show.note(args.quiet),
+            warn=show.warn,
+            progress=show.progress_factory(args.quiet),
+            found=found,
         )
         if not args.quiet:
             last = chain[-1].target

@@ -27,7 +27,8 @@ examples:
 exit status: 0 success, 1 a problem with the rules, the source or the conversion, 2 bad usage.
 A rule file is YAML checked against `phi-rules schema`; docs/reference/rule-language.md documents every key.
 environment: HF_HOME, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE as huggingface_hub reads them;
-PHI_RULES_CACHE, where source sha256s are remembered by file identity (empty: hash every run).
+PHI_RULES_CACHE, where source sha256s (by file identity), passed target checks and rule documents that passed
+the schema are remembered (empty: nothing is; everything is worked out every run).
 """
 
 
@@ -37,6 +38,9 @@ TO_HELP = (
 )
 
 
+RULES_HELP = "one more candidate: a rule file or a shipped rule's name (repeat the option for several)"
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -44,6 +48,17 @@ def _version() -> str:
         return version("phi-rules")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked: importing importlib.metadata costs every command 0.1 s."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
 
 
 def _set_value(text: str) -> tuple[str, object]:
@@ -97,7 +112,7 @@ def build() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--version", action=_Version, help="show the version and exit")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks (for reporting a bug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -180,17 +195,19 @@ def _detect(sub: _Commands) -> None:
     d = sub.add_parser(
         "detect",
         help="which rule fits a checkpoint: plans every candidate on tensor names and shapes",
-        description="Plan every shipped detection candidate (one generic rule per legacy layout, and today's "
-        "layout) and any --rules against the source's tensor names and shapes, and say which fit and why "
-        "the others do not. Reads no tensor bytes and needs no torch for safetensors. Exit 0 when exactly "
-        "one rule fits, 1 otherwise.",
+        description="Plan every shipped detection candidate (one generic rule per layout, each way) and any "
+        "--rules against the source's tensor names and shapes. The answer comes first: the layout found, the "
+        "targets it converts to (a refused one with its reason) and the command to run; --all adds the table of "
+        "every rule and why it does not fit. Reads no tensor bytes and needs no torch for safetensors. Exit 0 when "
+        "there is one command to run (one rule fits, or one per target when the source converts to several, or "
+        "your --rules wins) or nothing to do (already in today's layout); 1 when no rule fits, or several fit "
+        "one target.",
     )
     d.add_argument(
         "source", type=Path, metavar="SRC", help="a checkpoint folder or weights file, or a hub repo owner/name@rev"
     )
-    d.add_argument(
-        "--rules", nargs="+", default=[], metavar="RULE", help="more candidates: rule files or shipped names"
-    )
+    d.add_argument("--rules", action="append", default=[], metavar="RULE", help=RULES_HELP)
+    d.add_argument("--all", action="store_true", help="also show every rule and why it does not fit")
     d.add_argument("--json", action="store_true", help="print the verdicts as one JSON document")
     d.add_argument("--to", metavar="TARGET", help="show only the rules that write TARGET (llama, mistral, phi3, …)")
     d.add_argument("--cache-dir", type=Path, metavar="DIR", help="hub cache (default: HF_HUB_CACHE)")

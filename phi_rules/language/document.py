@@ -15,8 +15,6 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language.located_yaml import Located, YamlSyntaxError, load_located
 from phi_rules.language.located_yaml import Path as YPath
@@ -52,12 +50,13 @@ def _error(located: Located, path: YPath, message: str, *, key: bool = False) ->
 
 @cache
 def _shipped() -> tuple[tuple[Path, dict[str, object]], ...]:
-    """Every shipped rule file with its top-level data, read once per run."""
+    """Every shipped rule file with its top-level data, read once per run (the parse is the one loading the
+    file later reuses)."""
     found = []
     for f in sorted(RULES_DIR.rglob("*.yaml")):
         try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = load_located(f.read_text(encoding="utf-8"), str(f)).data
+        except (OSError, UnicodeDecodeError, YamlSyntaxError):
             continue
         if isinstance(data, dict):
             found.append((f, data))

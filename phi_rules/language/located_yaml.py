@@ -1,13 +1,18 @@
 """Safe YAML loading that remembers where every value and key came from.
 
 PyYAML's safe loader forgets source positions once it builds Python objects; diagnostics need them,
-so we compose the node graph ourselves and keep a map from JSON-pointer-like paths to marks.
+so we compose the node graph ourselves and keep a map from JSON-pointer-like paths to marks. The graph
+comes from libyaml's composer where PyYAML was built with it (its nodes carry marks too, and it is ten
+times faster than the pure-Python one, which was most of ``detect``'s time); a document libyaml refuses
+is composed again in pure Python, so that both paths give the same located error. Each text is parsed
+once per process: rules that extend a base, and a backward rule derived from its forward one, share it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import yaml
 
@@ -66,23 +71,59 @@ class _Loader(yaml.SafeLoader):
     of it (a rule that says ``layer_norm_epsilon: 1e-5`` means the number)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+# libyaml's parser and composer with the same (Python) resolver; None where PyYAML was built without it.
+_CLoader: type[yaml.CSafeLoader] | None = None
+if yaml.__with_libyaml__:
+
+    class _CLoader(yaml.CSafeLoader):  # type: ignore[no-redef]
+        """libyaml's safe loader with :class:`_Loader`'s float resolver."""
 
 
-def load_located(text: str, file: str = "<string>") -> Located:
-    """Parse one YAML document safely; duplicate keys and non-string keys are syntax errors."""
+for _loader in (_Loader, _CLoader):
+    if _loader is not None:
+        _loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+            list("-+0123456789"),
+        )
+
+
+def _compose(text: str, libyaml: bool) -> yaml.Node | None:
+    """The node graph of one document; a document libyaml refuses is composed again by the pure-Python
+    composer, whose error (or, where it accepts the text, whose graph) is then the answer on both paths. A text
+    with a tab or a ``? `` goes to the pure-Python composer at once: libyaml reads either inside a plain
+    scalar as part of it (``o? ut: 1`` in a flow mapping), where PyYAML's scanner refuses it (no rule needs them).
+    """
+    if libyaml and _CLoader is not None and "\t" not in text and "? " not in text:
+        try:
+            return yaml.compose(text, Loader=_CLoader)
+        except yaml.YAMLError:
+            pass
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        return yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise YamlSyntaxError(str(exc.problem or exc.context or "invalid YAML"), line, col) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(str(exc), 1, 1) from None
+
+
+LIBYAML = _CLoader is not None  # compose with libyaml (the tests run the located errors on both paths)
+
+
+def load_located(text: str, file: str = "<string>") -> Located:
+    """Parse one YAML document safely; duplicate keys and non-string keys are syntax errors. The result is
+    the caller's to change."""
+    parsed = _parsed(text, file, LIBYAML)
+    return Located(parsed.data, dict(parsed.values), dict(parsed.keys))
+
+
+@lru_cache(maxsize=512)
+def _parsed(text: str, file: str, libyaml: bool) -> Located:
+    """The parse of one text, once per process (its data is never changed: loading builds new merged
+    documents, and checking only reads them)."""
+    node = _compose(text, libyaml)
     located = Located(None)
     if node is not None:
         located.data = _build(node, (), located, _Loader(""), file)
@@ -93,6 +134,11 @@ def load_located(text: str, file: str = "<string>") -> Located:
 
 _COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 _MAX_NODES = 100_000  # aliases can make a tiny file expand exponentially ("billion laughs")
+
+
+def _empty(node: yaml.Node) -> bool:
+    """A value left out (``key:``), which YAML reads as null."""
+    return isinstance(node, yaml.ScalarNode) and node.value == "" and not node.style  # plain: None, or libyaml's ""
 
 
 def _build(node: yaml.Node, path: Path, located: Located, loader: yaml.SafeLoader, file: str) -> object:
@@ -111,6 +157,8 @@ def _build(node: yaml.Node, path: Path, located: Located, loader: yaml.SafeLoade
                 raise YamlSyntaxError(f"duplicate key {key!r}", *_mark(key_node))
             located.keys[(*path, key)] = (file, *_mark(key_node))
             result[key] = _build(value_node, (*path, key), located, loader, file)
+            if _empty(value_node):  # `key: ` with nothing after it: marked at the key, as the composers differ
+                located.values[(*path, key)] = located.keys[(*path, key)]
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, (*path, i), located, loader, file) for i, item in enumerate(node.value)]

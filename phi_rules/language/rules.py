@@ -13,15 +13,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language import expr, ops, regex, reverse, shortform, template
 from phi_rules.language.document import SCHEMA_PATH, LoadError, load_document, rule_path, shipped_reverse_names
 from phi_rules.language.located_yaml import Located
 from phi_rules.language.ops import Op
+from phi_rules.source.digest import cache_folder, write_atomically
+
+if TYPE_CHECKING:
+    import jsonschema
 
 YPath = tuple[str | int, ...]
 
@@ -31,6 +33,16 @@ def schema() -> dict[str, object]:
     """The rule-file JSON Schema shipped in ``schemas/``."""
     loaded: dict[str, object] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     return loaded
+
+
+def _schema_passed(data: object) -> Path | None:
+    """Where a document that passes the schema is remembered (``PHI_RULES_CACHE``), by its data and the schema;
+    None when nothing is remembered."""
+    folder = cache_folder()
+    if folder is None:
+        return None
+    identity = SCHEMA_PATH.read_bytes() + json.dumps(data, sort_keys=True, default=repr).encode()
+    return folder / "schema-passed" / hashlib.sha256(identity).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -208,11 +220,20 @@ class _Checker:
 
     # --- schema ----------------------------------------------------------------------------------
     def check_schema(self) -> None:
-        validator = jsonschema.Draft202012Validator(schema())
-        for err in validator.iter_errors(self.located.data):
+        """The JSON Schema's errors. A document that passed before (the same data, the same schema) is not
+        checked again: importing and running jsonschema was a third of ``detect``'s time."""
+        passed = _schema_passed(self.located.data)
+        if passed is not None and passed.is_file():
+            return
+        import jsonschema
+
+        errors = list(jsonschema.Draft202012Validator(schema()).iter_errors(self.located.data))
+        for err in errors:
             path = tuple(err.absolute_path)
             self.bad_paths.append(path)
             self._schema_error(path, err)
+        if not errors and passed is not None:
+            write_atomically(passed, "")
 
     def _schema_error(self, path: YPath, err: jsonschema.ValidationError) -> None:
         if err.validator == "additionalProperties" and isinstance(err.instance, dict) and isinstance(err.schema, dict):
@@ -227,7 +248,9 @@ class _Checker:
                 self.error(path, _ONE_OF_HINTS[kind], code="schema")
                 return
             typed = [e for e in err.context or [] if e.validator != "type"]  # skip alternatives of another type
-            best = jsonschema.exceptions.best_match(typed or err.context or [])
+            from jsonschema.exceptions import best_match
+
+            best = best_match(typed or err.context or [])
             if best is not None:  # the alternative that came closest says what is wrong
                 self._schema_error(tuple(best.absolute_path), best)
                 return

@@ -485,11 +485,16 @@ def remote_tensors(
     return tensors, replace(resolved, weights=tuple(local))
 
 
+def headers_only(rules: Rules, src: SourceOptions) -> bool:
+    """Whether :func:`source_tensors` reads a hub source by its headers (and so resolves less than a conversion)."""
+    return src.source is None and (src.hub is not None or rules.source.path is None)
+
+
 def source_tensors(
     rules: Rules, src: SourceOptions, note: Callable[[str], None]
 ) -> tuple[dict[str, TensorInfo], ResolvedSource]:
     """The source's tensor metadata without reading tensor bytes: hub safetensors by header only."""
-    if src.source is None and (src.hub is not None or rules.source.path is None):
+    if headers_only(rules, src):
         tensors, resolved = remote_tensors(rules, src, note)
         with Checkpoint(resolved.weights) as local:
             return {**tensors, **local.tensors}, resolved
