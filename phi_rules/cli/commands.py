@@ -210,6 +210,20 @@ def verify_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_command(args: argparse.Namespace) -> int:
+    from phi_rules.check import findings, folder_files
+
+    found = findings(folder_files(args.folder))
+    if args.json:
+        print(json.dumps({"folder": str(args.folder), "findings": [f.to_json() for f in found]}, indent=2))
+    else:
+        for f in found:
+            print(f"{'error' if f.wrong else 'warning'}: {args.folder / f.file}: {f.message}")
+        if not found:
+            print(f"{args.folder}: no findings", file=sys.stderr)
+    return 1 if any(f.wrong for f in found) else 0
+
+
 def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     """The named rule files, or the one that detection finds for --source."""
     from phi_rules.detect import chosen

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from phi_rules.planning.planner import Plan, PlannedTensor
 from phi_rules.planning.segments import source_segments
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
-from phi_rules.source.resolve import ResolvedSource
+from phi_rules.source.resolve import GENERATION_CONFIG, ResolvedSource
 from phi_rules.write import stream
 from phi_rules.write.safetensors import SafetensorsWriter
 from phi_rules.write.stream import Progress
@@ -116,16 +117,31 @@ def _executor(ckpt: Checkpoint, result: Plan, options: Options) -> Executor:
 
 
 def write_config(folder: Path, result: Plan, config: Any) -> None:
-    """config.json and generation_config.json; for an adapter, its rewritten adapter_config.json alone."""
+    """config.json; for an adapter, its rewritten adapter_config.json alone. generation_config.json is a side
+    file (:func:`write_side_files`): the source's, carried."""
     if result.adapter_config is not None:
         (folder / "adapter_config.json").write_text(json.dumps(result.adapter_config, indent=2, sort_keys=True) + "\n")
         return
     if isinstance(config, dict):  # a remote-code target: the values as they are
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return
-    from transformers import GenerationConfig
-
     from phi_rules.write import config as config_file
 
     config_file.write_config(result, config, folder)
-    GenerationConfig.from_model_config(config).save_pretrained(folder)
+
+
+def write_side_files(folder: Path, result: Plan, resolved: ResolvedSource, note: Callable[[str], None]) -> None:
+    """Everything beside the weights and config.json, byte for byte: the files the rule names, and (for a model)
+    the source folder's other files with a note each; then generation_config.json from config.json where the
+    source has none. No conversion here changes a token id, so a carried generation_config.json stays exact."""
+    for extra in resolved.extras:
+        shutil.copyfile(extra, folder / extra.name)
+    if result.adapter_config is not None:  # an adapter is loaded onto its base, which has the side files
+        return
+    for other in resolved.unlisted:
+        shutil.copyfile(other, folder / other.name)
+        note(f"{other.name}: no rule names it and it is not weights: copied as it is")
+    if not (folder / GENERATION_CONFIG).exists() and (folder / "config.json").is_file():
+        from phi_rules.write.config import write_generation_config
+
+        write_generation_config(folder)
