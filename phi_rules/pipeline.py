@@ -262,7 +262,9 @@ def _given_sources(rules: Rules, options: Options) -> list[Path]:
     return paths + [f for p in paths if p.is_dir() for f in p.iterdir()]
 
 
-def _check_whole(resolved: ResolvedSource, tmp: Path, out: Path, options: Options, warn: Callable[[str], None]) -> None:
+def _check_whole(
+    rules: Rules, resolved: ResolvedSource, tmp: Path, out: Path, options: Options, warn: Callable[[str], None]
+) -> None:
     """The whole-folder checks (:mod:`phi_rules.check`): what the conversion broke refuses the output, what the
     source itself has is a warning."""
     from phi_rules import check
@@ -270,7 +272,8 @@ def _check_whole(resolved: ResolvedSource, tmp: Path, out: Path, options: Option
     source = {p.name: p for p in (*resolved.weights, *resolved.extras)}
     if resolved.config_path is not None:
         source["config.json"] = resolved.config_path
-    refused, own = check.before_publishing(source, check.folder_files(tmp), options.overrides)
+    defaults = rules.source.config_defaults
+    refused, own = check.before_publishing(source, check.folder_files(tmp), options.overrides, defaults)
     for f in own:
         warn(f"{resolved.origin}: the source itself: {f}")
     if refused:
@@ -315,7 +318,7 @@ def _convert(
             if options.verify is not None:
                 check_function(rules, resolved, tmp, options.verify, out)
             output.write_side_files(tmp, result, resolved, note)
-            _check_whole(resolved, tmp, out, options, warn)
+            _check_whole(rules, resolved, tmp, out, options, warn)
             if options.fsync:
                 _flush_to_disk(tmp)
             if interrupted.is_set():  # an interrupt whose exception something swallowed: still nothing published

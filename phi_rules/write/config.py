@@ -65,22 +65,3 @@ def check_saved_config(plan: Plan, saved: Mapping[str, Any]) -> None:
     ]
     if wrong:
         raise PhiRulesError(wrong)
-
-
-def write_generation_config(folder: Path) -> None:
-    """generation_config.json for a source that has none, as transformers derives it from config.json (the token
-    ids and the version, no torch needed), with the token the chat template ends a turn with among the stop ids:
-    an instruct model whose config.json names only its document end would otherwise talk past every answer."""
-    from phi_rules.check import end_of_turn, folder_files
-
-    saved = json.loads((folder / "config.json").read_text())
-    fields: dict[str, Any] = {"_from_model_config": True}
-    fields |= {k: saved[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if saved.get(k) is not None}
-    end = end_of_turn(folder_files(folder))
-    eos = saved.get("eos_token_id")
-    stops = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else []
-    if end is not None and end[1] not in stops:
-        fields["eos_token_id"] = [*stops, end[1]]
-    if "transformers_version" in saved:
-        fields["transformers_version"] = saved["transformers_version"]
-    (folder / "generation_config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")

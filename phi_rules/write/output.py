@@ -142,6 +142,24 @@ def write_side_files(folder: Path, result: Plan, resolved: ResolvedSource, note:
         shutil.copyfile(other, folder / other.name)
         note(f"{other.name}: no rule names it and it is not weights: copied as it is")
     if not (folder / GENERATION_CONFIG).exists() and (folder / "config.json").is_file():
-        from phi_rules.write.config import write_generation_config
+        _write_generation_config(folder)
 
-        write_generation_config(folder)
+
+def _write_generation_config(folder: Path) -> None:
+    """generation_config.json for a source that has none, as transformers derives it from config.json (the token
+    ids and the version, no torch needed), with the token the chat template ends a turn with among the stop ids:
+    an instruct model whose config.json names only its document end would otherwise talk past every answer.
+    Here, not beside the config writer, because a remembered check imports neither torch nor transformers."""
+    from phi_rules.check import end_of_turn, folder_files
+
+    saved = json.loads((folder / "config.json").read_text())
+    fields: dict[str, Any] = {"_from_model_config": True}
+    fields |= {k: saved[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if saved.get(k) is not None}
+    end = end_of_turn(folder_files(folder))
+    eos = saved.get("eos_token_id")
+    stops = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else []
+    if end is not None and end[1] not in stops:
+        fields["eos_token_id"] = [*stops, end[1]]
+    if "transformers_version" in saved:
+        fields["transformers_version"] = saved["transformers_version"]
+    (folder / "generation_config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
