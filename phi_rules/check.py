@@ -202,9 +202,9 @@ def max_positions(config: Mapping[str, Any]) -> Any:
 
 
 # --- the checks on one folder -------------------------------------------------------------------------
-def findings(files: Files, defaults: Mapping[str, Any] | None = None) -> list[Finding]:
-    """Every finding on one folder; ``defaults``: config fields it lacks, as a rule reads them."""
-    config = {**(defaults or {}), **_object(files, "config.json")}
+def findings(files: Files, config: Mapping[str, Any] | None = None) -> list[Finding]:
+    """Every finding on one folder; ``config``: its config.json as a rule reads it, instead of the file."""
+    config = _object(files, "config.json") if config is None else config
     return [
         *_ids_in_vocab(files, config),
         *_end_of_turn_stops(files),
@@ -372,14 +372,15 @@ def compared(source: Files, output: Files, overrides: Iterable[str] = ()) -> lis
 
 
 def before_publishing(
-    source: Files, output: Files, overrides: Iterable[str] = (), defaults: Mapping[str, Any] | None = None
+    source: Files, output: Files, overrides: Mapping[str, Any], defaults: Mapping[str, Any]
 ) -> tuple[list[Finding], list[Finding]]:
     """(what refuses the output: findings the conversion brought, what to warn of: the source's own).
 
-    ``defaults`` are the rule's config_defaults: what the source means where its config.json is silent (phi-2's
-    eos 50256). A finding they bring is the rule's reading of the source, not the conversion's doing, and not
-    the source's own word either: neither refused nor warned of."""
+    ``defaults`` are the rule's config_defaults, what the source means where its config.json is silent (phi-2's
+    eos 50256), and ``overrides`` what ``--set`` says: a finding they bring is the rule's or the user's reading
+    of the source, not the conversion's doing, nor the source's own word: neither refused nor warned of."""
     own = findings(source)
-    had = {f.code for f in [*own, *findings(source, defaults)]}
+    read = {**defaults, **_object(source, "config.json"), **overrides}
+    had = {f.code for f in [*own, *findings(source, read)]}
     refused = [f for f in [*findings(output), *compared(source, output, overrides)] if f.wrong and f.code not in had]
     return refused, own

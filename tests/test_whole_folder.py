@@ -83,6 +83,21 @@ def write_tokenizer(folder: Path, family: str, extra_tokens: int = 0) -> None:
     fast.save_pretrained(folder)
     added = {t: bpe.token_to_id(t) for t in special}
     (folder / "added_tokens.json").write_text(json.dumps(added, indent=2))
+    if family == "phi-3":  # Phi-3 and Phi-3.5 ship their SentencePiece model beside tokenizer.json
+        write_sentencepiece(folder / "tokenizer.model")
+
+
+def write_sentencepiece(path: Path, size: int = 60) -> None:
+    """A SentencePiece model trained here by the ``sentencepiece`` package."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=size, model_type="bpe", minloglevel=2
+    )
+    path.write_bytes(model.getvalue())
 
 
 def phi3_source(folder: Path, family: str = "phi-4", rope: dict[str, Any] | None = None, **config: Any) -> Path:
@@ -128,8 +143,10 @@ def test_round_trip_carries_every_side_file(cli: Cli, tmp_path: Path, family: st
     src = phi3_source(tmp_path / "src", family, sliding_window=12 if target == "mistral" else None)
     source = side_files(src)
     assert set(TOKENIZER) | {"generation_config.json", "added_tokens.json"} <= set(source)
+    assert ("tokenizer.model" in source) == (family == "phi-3")
     for run in ("first", "remembered"):
-        convert(cli, src, tmp_path / run / target, target)
+        code, _, err = cli("apply", "--source", src, "--to", target, "--out", tmp_path / run / target)
+        assert code == 0 and "no rule names it" not in err and "not copied" not in err, err  # every file named
         convert(cli, tmp_path / run / target, tmp_path / run / "back", "phi3")
         for folder in (tmp_path / run / target, tmp_path / run / "back"):
             assert side_files(folder) == source, folder
@@ -245,6 +262,30 @@ def test_check_flags_a_tokenizer_larger_than_vocab_size(cli: Cli, tmp_path: Path
     write_tokenizer(folder, "phi-3", extra_tokens=40)  # 96 + 40 ids for 128 embedding rows
     code, out, _ = cli("check", folder)
     assert code == 1 and "the tokenizer has 136 ids but vocab_size is 128" in out, out
+
+
+def test_check_reads_the_template_where_the_hub_phi3_keeps_it(cli: Cli, tmp_path: Path, good: Path) -> None:
+    """Phi-3's hub repository has its chat template in tokenizer_config.json, and no chat_template.jinja."""
+    folder = tmp_path / "hub-form"
+    shutil.copytree(good, folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    edit(folder, "tokenizer_config.json", lambda c: c.update(chat_template=template))
+    assert cli("check", folder)[0] == 0
+    edit(folder, "generation_config.json", _cut_eos)
+    code, out, _ = cli("check", folder)
+    assert code == 1 and "lacks 6 (<|end|>)" in out, out
+
+
+def test_check_sizes_a_sentencepiece_tokenizer(cli: Cli, tmp_path: Path) -> None:
+    folder = tmp_path / "sp"
+    folder.mkdir()
+    write_sentencepiece(folder / "tokenizer.model", size=60)
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 50}))
+    code, out, _ = cli("check", folder)
+    assert code == 1 and "the tokenizer has 60 ids but vocab_size is 50" in out, out
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 64}))  # padded, as Phi-3's 32064
+    assert cli("check", folder)[:2] == (0, "")
 
 
 def test_check_passes_good_folders(cli: Cli, tmp_path: Path, good: Path) -> None:
