@@ -269,6 +269,8 @@ def _check_whole(
     source itself has is a warning."""
     from phi_rules import check
 
+    if rules.target.adapter is not None:  # an adapter has no config.json or tokenizer of its own to check
+        return
     source = {p.name: p for p in (*resolved.weights, *resolved.extras)}
     if resolved.config_path is not None:
         source["config.json"] = resolved.config_path

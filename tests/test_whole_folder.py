@@ -323,6 +323,9 @@ def test_apply_refuses_an_output_the_conversion_breaks(cli: Cli, tmp_path: Path,
     assert not [x for x in err.splitlines() if x.startswith("error") and x != line], err
 
 
-def test_check_is_one_line_for_a_missing_folder(cli: Cli, tmp_path: Path) -> None:
+def test_check_is_one_line_for_a_folder_that_is_no_model(cli: Cli, tmp_path: Path) -> None:
     code, _, err = cli("check", tmp_path / "nothing")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "not a folder" in err, err
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("check", tmp_path / "empty")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "no config.json" in err, err

@@ -213,7 +213,10 @@ def verify_command(args: argparse.Namespace) -> int:
 def check_command(args: argparse.Namespace) -> int:
     from phi_rules.check import findings, folder_files
 
-    found = findings(folder_files(args.folder))
+    files = folder_files(args.folder)
+    if "config.json" not in files:
+        raise PhiRulesError(f"{args.folder}: no config.json: not a model folder (an adapter is checked on its base)")
+    found = findings(files)
     if args.json:
         print(json.dumps({"folder": str(args.folder), "findings": [f.to_json() for f in found]}, indent=2))
     else:
