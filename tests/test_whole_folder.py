@@ -323,6 +323,24 @@ def test_apply_refuses_an_output_the_conversion_breaks(cli: Cli, tmp_path: Path,
     assert not [x for x in err.splitlines() if x.startswith("error") and x != line], err
 
 
+def test_an_output_is_compared_with_its_source(tmp_path: Path, good: Path) -> None:
+    """What apply refuses besides the one-folder checks: stop ids of the source lost, position limits changed
+    (unless --set changed them: the user's own word)."""
+    from phi_rules.check import compared, folder_files
+
+    out = tmp_path / "out"
+    shutil.copytree(good, out)
+    assert compared(folder_files(good), folder_files(out)) == []
+    edit(out, "generation_config.json", lambda c: c.update(eos_token_id=[6]))
+    edit(out, "config.json", lambda c: c.update(max_position_embeddings=32))
+    found = compared(folder_files(good), folder_files(out))
+    assert [f.code for f in found] == ["positions-changed", "eos-list-changed"], found
+    assert "eos_token_id is [6] where the source's is [2, 6]" in str(found[1])
+    assert [f.code for f in compared(folder_files(good), folder_files(out), {"max_position_embeddings": 32})] == [
+        "eos-list-changed"
+    ]
+
+
 def test_check_is_one_line_for_a_folder_that_is_no_model(cli: Cli, tmp_path: Path) -> None:
     code, _, err = cli("check", tmp_path / "nothing")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "not a folder" in err, err
