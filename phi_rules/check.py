@@ -24,6 +24,7 @@ from phi_rules.source.header import read_safetensors
 Files = Mapping[str, Path]  # a model folder: each file by its name
 _TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _MARK = "PHIRULESTURNENDSHERE"  # an assistant message's content, to find what the template writes after it
+_MARKUP = re.compile(r"<\|?[\w.-]+\|?>|</s>")  # what a turn-ending token looks like: <|end|>, <|im_end|>, </s>
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,10 @@ def end_of_turn(files: Files) -> tuple[str, int] | None:
         return None
     after = rendered.split(_MARK, 1)[1].lstrip()
     special = sorted((t for t in _special_tokens(files) if t and after.startswith(t)), key=len, reverse=True)
+    marked = _MARKUP.match(after)  # a tokenizer that keeps its markup tokens in the vocabulary, not as added ones
     ids = token_ids(files)
-    return (special[0], ids[special[0]]) if special and special[0] in ids else None
+    token = special[0] if special else marked.group(0) if marked else None
+    return (token, ids[token]) if token in ids else None
 
 
 def eos_list(files: Files) -> tuple[str, list[int]] | None:

@@ -277,6 +277,18 @@ def test_check_reads_the_template_where_the_hub_phi3_keeps_it(cli: Cli, tmp_path
     assert code == 1 and "lacks 6 (<|end|>)" in out, out
 
 
+def test_check_finds_an_end_of_turn_token_kept_in_the_vocabulary(cli: Cli, tmp_path: Path, good: Path) -> None:
+    """A tokenizer whose <|end|> is a plain vocabulary entry, not an added token: still the turn's end."""
+    folder = tmp_path / "plain"
+    shutil.copytree(good, folder)
+    for name in ("added_tokens.json", "tokenizer_config.json", "tokenizer.model"):
+        (folder / name).unlink()
+    edit(folder, "tokenizer.json", lambda t: t.update(added_tokens=[]))
+    edit(folder, "generation_config.json", _cut_eos)
+    code, out, _ = cli("check", folder)
+    assert code == 1 and "lacks 6 (<|end|>)" in out, out
+
+
 def test_check_sizes_a_sentencepiece_tokenizer(cli: Cli, tmp_path: Path) -> None:
     folder = tmp_path / "sp"
     folder.mkdir()
