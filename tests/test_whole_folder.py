@@ -359,3 +359,6 @@ def test_check_is_one_line_for_a_folder_that_is_no_model(cli: Cli, tmp_path: Pat
     (tmp_path / "empty").mkdir()
     code, _, err = cli("check", tmp_path / "empty")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "no config.json" in err, err
+    (tmp_path / "empty" / "config.json").write_text("{not json")
+    code, _, err = cli("check", tmp_path / "empty")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "cannot read it as JSON" in err, err

@@ -216,7 +216,13 @@ def check_command(args: argparse.Namespace) -> int:
     files = folder_files(args.folder)
     if "config.json" not in files:
         raise PhiRulesError(f"{args.folder}: no config.json: not a model folder (an adapter is checked on its base)")
-    found = findings(files)
+    try:
+        config = json.loads(files["config.json"].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PhiRulesError(f"{files['config.json']}: cannot read it as JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise PhiRulesError(f"{files['config.json']}: not a JSON object")
+    found = findings(files, config)
     if args.json:
         print(json.dumps({"folder": str(args.folder), "findings": [f.to_json() for f in found]}, indent=2))
     else:
