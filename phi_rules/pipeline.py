@@ -23,7 +23,7 @@ from types import FrameType
 from typing import Any
 
 from phi_rules.dtypes import FLOAT_DTYPES
-from phi_rules.errors import PhiRulesError
+from phi_rules.errors import Diagnostic, PhiRulesError
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options, SourceOptions
 from phi_rules.planning import remembered
@@ -263,6 +263,12 @@ def convert_through(
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _beside(options: Options) -> list[str]:
+    """The names of a local source folder's files: what an earlier output of it may hold besides ours."""
+    folder = options.source.source
+    return [p.name for p in folder.iterdir()] if folder is not None and folder.is_dir() else []
+
+
 def _given_sources(rules: Rules, options: Options) -> list[Path]:
     """The local paths a conversion reads, before any resolution: each named folder with what lies in it
     (the files of an HF cache snapshot are links into its blobs folder)."""
@@ -272,6 +278,26 @@ def _given_sources(rules: Rules, options: Options) -> list[Path]:
         named.append(Path(src.tokenizer))
     paths = [p for p in named if p is not None and p.exists()]
     return paths + [f for p in paths if p.is_dir() for f in p.iterdir()]
+
+
+def _check_whole(
+    rules: Rules, resolved: ResolvedSource, tmp: Path, out: Path, options: Options, warn: Callable[[str], None]
+) -> None:
+    """The whole-folder checks (:mod:`phi_rules.check`): what the conversion broke refuses the output, what the
+    source itself has is a warning."""
+    from phi_rules import check
+
+    if rules.target.adapter is not None:  # an adapter has no config.json or tokenizer of its own to check
+        return
+    source = {p.name: p for p in (*resolved.weights, *resolved.extras)}
+    if resolved.config_path is not None:
+        source["config.json"] = resolved.config_path
+    defaults = rules.source.config_defaults
+    refused, own = check.before_publishing(source, check.folder_files(tmp), options.overrides, defaults)
+    for f in own:
+        warn(f"{resolved.origin}: the source itself: {f}")
+    if refused:
+        raise PhiRulesError([Diagnostic(f"{out}: not written: {'; '.join(map(str, refused))}", code="check")])
 
 
 def _convert(
@@ -285,7 +311,8 @@ def _convert(
 ) -> Plan:
     """One rule, top to bottom: the destination, the source (resolved, or as detection found it), the plan and
     its problems, then the bytes beside the target check, verify, and the rename that publishes."""
-    destination.prepare(out, options.force, [*(f.name for f in rules.source.extra_files), *TOKENIZER_FILES])
+    carried = [*(f.name for f in rules.source.extra_files), *TOKENIZER_FILES, *_beside(options)]
+    destination.prepare(out, options.force, carried)
     _check_device(options.device)
     resolved, made = found if found is not None else (resolve(rules, options.source), None)
     files = [*resolved.weights, *resolved.extras, *([resolved.config_path] if resolved.config_path else [])]
@@ -308,8 +335,8 @@ def _convert(
             )
             if options.verify is not None:
                 check_function(rules, resolved, tmp, options.verify, out)
-            for extra in resolved.extras:
-                shutil.copyfile(extra, tmp / extra.name)
+            output.write_side_files(tmp, result, resolved, note)
+            _check_whole(rules, resolved, tmp, out, options, warn)
             if options.fsync:
                 _flush_to_disk(tmp)
             if interrupted.is_set():  # an interrupt whose exception something swallowed: still nothing published

@@ -359,7 +359,7 @@ def test_tokenizer_from_a_hub_repository(hub: Hub, hf_home: Path, tmp_path: Path
     assert missing.returncode == 1 and not (tmp_path / "o2").exists()
     assert missing.stderr.strip() == "error: --tokenizer microsoft/phi-1@main: microsoft/phi-1@main has none of " + (
         "tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, added_tokens.json, special_tokens_map.json, "
-        "tokenizer.model"
+        "tokenizer.model, chat_template.jinja"
     )
 
 

@@ -35,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "list": commands.list_command,
             "detect": commands.detect_command,
             "verify": commands.verify_command,
+            "check": commands.check_command,
             "plan": commands.plan_command,
             "apply": commands.apply_command,
         }

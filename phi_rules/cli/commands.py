@@ -187,6 +187,29 @@ def verify_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_command(args: argparse.Namespace) -> int:
+    from phi_rules.check import findings, folder_files
+
+    files = folder_files(args.folder)
+    if "config.json" not in files:
+        raise PhiRulesError(f"{args.folder}: no config.json: not a model folder (an adapter is checked on its base)")
+    try:
+        config = json.loads(files["config.json"].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PhiRulesError(f"{files['config.json']}: cannot read it as JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise PhiRulesError(f"{files['config.json']}: not a JSON object")
+    found = findings(files, config)
+    if args.json:
+        print(json.dumps({"folder": str(args.folder), "findings": [f.to_json() for f in found]}, indent=2))
+    else:
+        for f in found:
+            print(f"{'error' if f.wrong else 'warning'}: {args.folder / f.file}: {f.message}")
+        if not found:
+            print(f"{args.folder}: no findings", file=sys.stderr)
+    return 1 if any(f.wrong for f in found) else 0
+
+
 def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     """The named rule files, or the one that detection finds for --source."""
     from phi_rules.language.rules import load_ref

@@ -19,6 +19,7 @@ examples:
   phi-rules apply --source ./phi-4-llama --to phi3 --out phi-4      and back
   phi-rules apply --source ./my-llama-lora --to phi3 --base ./phi-4-llama --out my-lora    an adapter, fused
   phi-rules verify --source ./my-phi-checkpoint converted         prove the output by its function
+  phi-rules check ./any-model-folder            stop ids, long-context fields, tokenizer size, head_dim
   phi-rules apply phi-2 --out phi-2             a shipped rule by name: download at the pinned revision
   phi-rules plan phi-2 --source ./ckpt          dry run: what would be written, from headers only
   phi-rules validate rules/                     check every rule file (CI and pre-commit do this)
@@ -116,7 +117,7 @@ def build() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show Python tracebacks (for reporting a bug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for command in (_validate, _schema, _list, _detect, _verify, _plan, _apply):
+    for command in (_validate, _schema, _list, _detect, _verify, _check, _plan, _apply):
         command(sub)
     return p
 
@@ -237,6 +238,21 @@ def _verify(sub: _Commands) -> None:
         help="OUT and --source are adapters: the base they belong to, its original checkpoint and its conversion",
     )
     _source(ve, converting=False)
+
+
+def _check(sub: _Commands) -> None:
+    """``check``: any model folder's side files against its weights and each other."""
+    ch = sub.add_parser(
+        "check",
+        help="check a model folder's generation config, tokenizer, chat template and long-context fields",
+        description="Check any model folder (converted by phi-rules or by another tool): eos/bos/pad ids inside "
+        "vocab_size, an eos list with the token the chat template ends a turn with, longrope factor lists of "
+        "rotary dimensions / 2, original_max_position_embeddings kept, head_dim as the weights use it, a tokenizer "
+        "no larger than vocab_size. One line per finding; exit 1 when one would make the model compute or "
+        "generate wrongly, 0 otherwise. Reads JSON files and safetensors headers only.",
+    )
+    ch.add_argument("folder", type=Path, metavar="FOLDER", help="a model folder")
+    ch.add_argument("--json", action="store_true", help="print the findings as one JSON document")
 
 
 def _plan(sub: _Commands) -> None:

@@ -19,7 +19,9 @@ from phi_rules.planning.planner import Plan
 from phi_rules.source.digest import cache_folder, write_atomically
 
 _CHECKING_CODE = ("planning/target.py", "write/config.py", "write/output.py", "planning/remembered.py")
-FILES = ("config.json", "generation_config.json", "adapter_config.json")
+# generation_config.json is no part of the check: it is the source's, carried (or derived from config.json)
+# after the config is written, on a first run and a remembered one alike.
+FILES = ("config.json", "adapter_config.json")
 
 
 def key(plan: Plan, dtype: str | None) -> str | None:

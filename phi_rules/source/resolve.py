@@ -30,6 +30,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "chat_template.jinja",
 )
 NO_TOKENIZER = (
     "the output has no tokenizer files (tokenizer.json, vocab.json + merges.txt or tokenizer.model): "
@@ -37,6 +38,8 @@ NO_TOKENIZER = (
     "prompt, TransformerLens tokenizes everything to [0] and llama.cpp's convert_hf_to_gguf.py stops; "
     "pass --tokenizer PATH or --tokenizer owner/name@revision (the base model the weights came from)"
 )
+# A side file that the writer derives (from config.json) when the source has none: never noted as absent.
+GENERATION_CONFIG = "generation_config.json"
 _HUB_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 
 
@@ -55,6 +58,7 @@ class ResolvedSource:
     absent: tuple[str, ...] = ()  # extra files the source lacks (said in a note by ``resolve``)
     where: str = ""  # where they were looked for
     base_config: Path | None = None  # an adapter's base model's config.json (--base): fields the adapter lacks
+    unlisted: tuple[Path, ...] = ()  # a local folder's other files, neither weights nor named by the rule
 
     def has_tokenizer(self) -> bool:
         """Whether the extra files make a tokenizer that transformers (and so vLLM, llama.cpp) can load."""
@@ -134,8 +138,37 @@ def resolve_local(rules: Rules, path: Path) -> ResolvedSource:
     if not config.is_file():
         notes.append(f"{config} not found: using the rule's config_defaults")
     config_path = config if config.is_file() else None
+    named = {*(p.name for p in (*weights, *extras)), rules.source.config_file}
+    others = tuple(_unlisted(folder, named)) if path.is_dir() else ()
     return ResolvedSource(
-        str(path), None, tuple(weights), config_path, tuple(extras), pins, tuple(notes), (), tuple(absent), str(folder)
+        str(path),
+        None,
+        tuple(weights),
+        config_path,
+        tuple(extras),
+        pins,
+        tuple(notes),
+        (),
+        tuple(absent),
+        str(folder),
+        unlisted=others,
+    )
+
+
+# Files of a model folder that are weights in some format (or their index): never side files.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
+
+
+def _unlisted(folder: Path, named: set[str]) -> list[Path]:
+    """The folder's plain files that are not weights, not hidden and not among ``named``: carried with a note."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in named
+        and p.name not in WEIGHT_NAMES
+        and not p.name.endswith(_WEIGHT_SUFFIXES)
     )
 
 
@@ -402,7 +435,8 @@ def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
     if opts.tokenizer is not None:
         files, notes = resolve_tokenizer(opts.tokenizer, opts)
         kept = tuple(p for p in resolved.extras if p.name not in TOKENIZER_FILES)
-        resolved = replace(resolved, extras=kept + files, notes=resolved.notes + notes)
+        others = tuple(p for p in resolved.unlisted if p.name not in TOKENIZER_FILES)
+        resolved = replace(resolved, extras=kept + files, notes=resolved.notes + notes, unlisted=others)
     return _noting_absent(_with_base(resolved, opts), opts)
 
 
@@ -426,7 +460,7 @@ def _with_base(resolved: ResolvedSource, opts: SourceOptions) -> ResolvedSource:
 def _noting_absent(resolved: ResolvedSource, opts: SourceOptions) -> ResolvedSource:
     """The note on extra files the source lacks; a tokenizer file only while the output would have no tokenizer."""
     complete = opts.tokenizer is not None or resolved.has_tokenizer()
-    missing = [n for n in resolved.absent if not (complete and n in TOKENIZER_FILES)]
+    missing = [n for n in resolved.absent if not (complete and n in TOKENIZER_FILES) and n != GENERATION_CONFIG]
     said = (f"not in {resolved.where}, not copied: {', '.join(missing)}",) if missing else ()
     return replace(resolved, notes=said + resolved.notes)
 

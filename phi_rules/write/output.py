@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from phi_rules.planning.planner import Plan, PlannedTensor
 from phi_rules.planning.segments import source_segments
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
-from phi_rules.source.resolve import ResolvedSource
+from phi_rules.source.resolve import GENERATION_CONFIG, ResolvedSource
 from phi_rules.write import stream
 from phi_rules.write.safetensors import SafetensorsWriter
 from phi_rules.write.stream import Progress
@@ -116,16 +117,49 @@ def _executor(ckpt: Checkpoint, result: Plan, options: Options) -> Executor:
 
 
 def write_config(folder: Path, result: Plan, config: Any) -> None:
-    """config.json and generation_config.json; for an adapter, its rewritten adapter_config.json alone."""
+    """config.json; for an adapter, its rewritten adapter_config.json alone. generation_config.json is a side
+    file (:func:`write_side_files`): the source's, carried."""
     if result.adapter_config is not None:
         (folder / "adapter_config.json").write_text(json.dumps(result.adapter_config, indent=2, sort_keys=True) + "\n")
         return
     if isinstance(config, dict):  # a remote-code target: the values as they are
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return
-    from transformers import GenerationConfig
-
     from phi_rules.write import config as config_file
 
     config_file.write_config(result, config, folder)
-    GenerationConfig.from_model_config(config).save_pretrained(folder)
+
+
+def write_side_files(folder: Path, result: Plan, resolved: ResolvedSource, note: Callable[[str], None]) -> None:
+    """Everything beside the weights and config.json, byte for byte: the files the rule names, and (for a model)
+    the source folder's other files with a note each; then generation_config.json from config.json where the
+    source has none. No conversion here changes a token id, so a carried generation_config.json stays exact."""
+    for extra in resolved.extras:
+        shutil.copyfile(extra, folder / extra.name)
+    if result.adapter_config is not None:  # an adapter is loaded onto its base, which has the side files
+        return
+    for other in resolved.unlisted:
+        shutil.copyfile(other, folder / other.name)
+        note(f"{other.name}: no rule names it and it is not weights: copied as it is")
+    if not (folder / GENERATION_CONFIG).exists() and (folder / "config.json").is_file():
+        _write_generation_config(folder)
+
+
+def _write_generation_config(folder: Path) -> None:
+    """generation_config.json for a source that has none, as transformers derives it from config.json (the token
+    ids and the version, no torch needed), with the token the chat template ends a turn with among the stop ids:
+    an instruct model whose config.json names only its document end would otherwise talk past every answer.
+    Here, not beside the config writer, because a remembered check imports neither torch nor transformers."""
+    from phi_rules.check import end_of_turn, folder_files
+
+    saved = json.loads((folder / "config.json").read_text())
+    fields: dict[str, Any] = {"_from_model_config": True}
+    fields |= {k: saved[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if saved.get(k) is not None}
+    end = end_of_turn(folder_files(folder))
+    eos = saved.get("eos_token_id")
+    stops = [eos] if isinstance(eos, int) else list(eos) if isinstance(eos, list) else []
+    if end is not None and end[1] not in stops:
+        fields["eos_token_id"] = [*stops, end[1]]
+    if "transformers_version" in saved:
+        fields["transformers_version"] = saved["transformers_version"]
+    (folder / "generation_config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
