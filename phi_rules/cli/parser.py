@@ -212,6 +212,7 @@ def _verify(sub: _Commands) -> None:
     ve.add_argument("--rules", metavar="RULE", help="the rule used, a file or a shipped name (default: detected)")
     ve.add_argument("--tol", type=float, default=1e-4, help="tolerance relative to each part's scale (default 1e-4)")
     ve.add_argument("--json", action="store_true", help="print the comparison as one JSON document")
+    ve.add_argument("--quiet", action="store_true", help="no progress bar (a terminal shows one, layer by layer)")
     ve.add_argument(
         "--base",
         nargs=2,
