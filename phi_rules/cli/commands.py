@@ -216,8 +216,11 @@ def verify_command(args: argparse.Namespace) -> int:
         show.diagnostics(problem.diagnostics)
         return 1
     if not args.json:
-        what = "computes the original function" if report.bounds is not None else "has every tensor its class needs"
-        print(f"{shown}: {what} ({report.reference} reference, {len(layer_rows(report))} parts)")
+        if report.bounds is None:
+            print(f"{shown}: has every tensor {report.reference} needs, by name and shape (no function check)")
+        else:
+            parts = len(layer_rows(report))
+            print(f"{shown}: computes the original function ({report.reference} reference, {parts} parts)")
     return 0
 
 
