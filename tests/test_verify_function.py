@@ -150,12 +150,13 @@ def test_the_json_report_says_lengths_and_dtypes(cli: Cli, tmp_path: Path) -> No
     parts = [p["part"] for p in report["parts"]]
     assert parts == [
         "embeddings",
-        "layer 0",
-        "layer 1",
+        *(f"layer {i}{part}" for i in (0, 1) for part in ("", " attention", " mlp")),
         "final norm",
         "logits",
         "logits end to end",
         "layer 0 at 32 tokens",
+        "layer 0 attention at 32 tokens",
+        "layer 0 mlp at 32 tokens",
     ]
 
 

@@ -292,7 +292,7 @@ def failure(out: Path, report: Report) -> PhiRulesError | None:
     )
 
 
-LEGACY_PARTS = ("norm", "attention", "mlp")  # the parts of a legacy block, compared one by one
+LEGACY_PARTS = ("norm", "attention", "mlp")  # the parts of a block compared one by one, shown in its row
 
 
 def layer_rows(report: Report) -> list[tuple[str, float, float]]:
@@ -300,8 +300,7 @@ def layer_rows(report: Report) -> list[tuple[str, float, float]]:
     final norm and logits."""
     grouped: dict[str, Row] = {}
     for r in report.rows:
-        words = r.part.split()
-        key = " ".join(words[:2]) if words[0] == "layer" and words[2:] and words[2] in LEGACY_PARTS else r.part
+        key = " ".join(w for w in r.part.split() if w not in LEGACY_PARTS) if r.part.startswith("layer ") else r.part
         worst = grouped.get(key)
         if worst is None or r.delta / max(r.tolerance, 1e-30) > worst.delta / max(worst.tolerance, 1e-30):
             grouped[key] = r

@@ -15,8 +15,8 @@ same way at any length): the long probes cost a layer or two, not the model.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,29 @@ def _kinds(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[int]:
     return sorted(first.values())
 
 
+PARTS = {"self_attn": "attention", "mlp": "mlp"}  # the submodules whose outputs are compared on their own
+PART_HINTS = {"self_attn": "check q/k/v/o of {}.self_attn and the rope fields", "mlp": "check gate/up/down of {}.mlp"}
+
+
+@contextmanager
+def _parts(layer: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """The outputs of a layer's attention and MLP while it runs inside the ``with`` (where it has them)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            seen[name] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [getattr(layer, n).register_forward_hook(keep(n)) for n in PARTS if hasattr(layer, n)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _final_norm(model: Any) -> tuple[Any, str]:
     if hasattr(model.model, "norm"):
         return model.model.norm, "model.norm."
@@ -136,12 +159,21 @@ def verify_own_class(
             for i in runs[t]:
                 where = f"model.layers.{i}"
                 with src.loaded(a.layers[i], f"{where}.") as l1, conv.loaded(b.layers[i], f"{where}.") as l2:
-                    ref = l1(x, **ks[i])
-                    got = l2(x, **ko[i])
+                    with _parts(l1) as inside1, _parts(l2) as inside2:
+                        ref = l1(x, **ks[i])
+                        got = l2(x, **ko[i])
                     if t == TOKENS:
                         y = l2(y, **ko[i])  # the output on its own
                 hint = f"check {where} (q/k/v and gate/up rows, rope_parameters, sliding_window)"
                 add(f"layer {i}{at}", ref - x, got - x, hint, bounds.part(ref - x, x))
+                for name, part in inside1.items():  # a small part is judged by its own scale too
+                    add(
+                        f"layer {i} {PARTS[name]}{at}",
+                        part,
+                        inside2[name],
+                        PART_HINTS[name].format(where),
+                        bounds.part(part),
+                    )
                 if t == TOKENS:
                     x = ref
                 tick(1)
