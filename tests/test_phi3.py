@@ -262,7 +262,8 @@ def test_verify_runs_the_source_through_its_own_class(cli: Cli, tmp_path: Path, 
     code, out, err = cli("verify", "--source", src, tmp_path / "out")
     assert code == 0, out + err
     if member == "phi-3-mini-128k":  # probed on both sides of original_max_position_embeddings
-        assert "logits at 24 tokens" in out and "computes the original function" in out
+        assert "layer 0 at 24 tokens" in out and "computes the original function" in out
+        assert "probed 24 tokens: past original_max_position_embeddings 16 (longrope)" in out
 
 
 @pytest.mark.parametrize(

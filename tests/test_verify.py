@@ -36,17 +36,20 @@ def test_good_conversion_verifies(cli, converted: tuple[Path, Path]) -> None:
     code, stdout, err = cli("verify", "--source", src, out)
     assert code == 0, err
     assert stdout.splitlines()[0].split() == ["part", "max|Δ|", "tolerance"]
-    assert [line.split()[0] for line in stdout.splitlines()[1:-1]] == [
+    assert [line.split()[0] for line in stdout.splitlines()[1:-3]] == [
         "embeddings",
         "layer",
         "layer",
         "final",
         "logits",
     ]
+    assert stdout.splitlines()[-3] == "probed 16 tokens: every part, teacher-forced; the logits end to end"
+    assert stdout.splitlines()[-2] == "dtypes: source float32, output float32"
     assert f"{out}: computes the original function" in stdout
     code, stdout, _ = cli("verify", "--source", src, out, "--json")
     report = json.loads(stdout)
     assert code == 0 and report["ok"] and report["rule"] == "phi-2" and len(report["parts"]) == 2 + 3 * 2 + 1
+    assert report["lengths"] == [16] and report["dtypes"]["output"] == "float32" and report["function_checked"]
 
 
 def swap(a: str, b: str):  # type: ignore[no-untyped-def]

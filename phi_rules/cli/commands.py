@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,19 +172,32 @@ def verify_command(args: argparse.Namespace) -> int:
     (rules,) = _rules_for(args, [args.rules] if args.rules else [])
     options = _options(args)
     resolved = resolve(rules, options.source)
-    report = verify(resolved.weights, rules.layout, resolved.config(), args.out, args.tol, adapters)
+    progress = partial(show.bar, args.quiet, unit="layer", desc="verify")  # layer by layer, on a terminal
+    report = verify(resolved.weights, rules.layout, resolved.config(), args.out, args.tol, adapters, progress)
     if args.json:
         print(json.dumps({"rule": rules.name, **report.to_json()}, indent=2))
     else:
-        print(f"{'part':<14}{'max|Δ|':>12}{'tolerance':>12}")
-        for part, delta, tol in layer_rows(report):
-            print(f"{part:<14}{delta:>12.2e}{tol:>12.2e}  {'ok' if delta <= tol else 'DIVERGES'}")
+        rows = layer_rows(report)
+        width = max([len("part"), *(len(part) for part, _, _ in rows)]) + 2
+        print(f"{'part':<{width}}{'max|Δ|':>12}{'tolerance':>12}")
+        for part, delta, tol in rows:
+            print(f"{part:<{width}}{delta:>12.2e}{tol:>12.2e}  {'ok' if delta <= tol else 'DIVERGES'}")
+        for probe in report.probes:
+            print(f"probed {probe.tokens} tokens: {probe.why}")
+        if report.bounds is not None:
+            print(f"dtypes: {report.bounds.describe()}")
+    if report.checked:
+        show.warn(f"{shown}: {report.checked}")
     problem = failure(shown, report)
     if problem is not None:
         show.diagnostics(problem.diagnostics)
         return 1
     if not args.json:
-        print(f"{shown}: computes the original function ({rules.layout} reference, {len(layer_rows(report))} parts)")
+        if report.bounds is None:
+            print(f"{shown}: has every tensor {report.reference} needs, by name and shape (no function check)")
+        else:
+            parts = len(layer_rows(report))
+            print(f"{shown}: computes the original function ({report.reference} reference, {parts} parts)")
     return 0
 
 

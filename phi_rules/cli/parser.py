@@ -221,15 +221,19 @@ def _verify(sub: _Commands) -> None:
     ve = sub.add_parser(
         "verify",
         help="prove a conversion by its function: the original architecture vs the converted folder",
-        description="Run the original Phi architecture (a reference written from its description, reading the "
-        "source by its original names and sizes from its own config.json, never from the rule) and the converted "
-        "folder through transformers, on the same token ids, layer by layer in float32, and compare. Exit 0 when "
-        "every part is within tolerance, 1 naming the first part that diverges.",
+        description="Run the original model (the Phi-1/1.5/2 architecture written from its description, or the "
+        "transformers class the source's config.json names; sizes from the source's own config.json, never from "
+        "the rule) and the converted folder through transformers, on the same token ids, layer by layer in "
+        "float32, and compare each layer's contribution and the logits end to end, at 16 tokens and past every "
+        "length where either config changes the function (sliding_window, attention_chunk_size, longrope). "
+        "Tolerances follow each part's scale and both sides' dtypes. Exit 0 when every part is within "
+        "tolerance, 1 naming the first part that diverges.",
     )
     ve.add_argument("out", type=Path, metavar="OUT", help="the converted folder")
     ve.add_argument("--rules", metavar="RULE", help="the rule used, a file or a shipped name (default: detected)")
     ve.add_argument("--tol", type=float, default=1e-4, help="tolerance relative to each part's scale (default 1e-4)")
     ve.add_argument("--json", action="store_true", help="print the comparison as one JSON document")
+    ve.add_argument("--quiet", action="store_true", help="no progress bar (a terminal shows one, layer by layer)")
     ve.add_argument(
         "--base",
         nargs=2,

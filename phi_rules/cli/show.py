@@ -65,23 +65,26 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def progress_factory(quiet: bool) -> Callable[[Any], Callable[[int], None]]:
-    """A byte-counting progress bar per rule, on a terminal only."""
+def bar(quiet: bool, total: int, unit: str, desc: str) -> Callable[[int], None]:
+    """A progress bar with an estimate on stderr, on a terminal only, that closes itself at ``total``; what
+    to call with each step done."""
     if quiet or not sys.stderr.isatty():
-        return lambda _plan: lambda _n: None
+        return lambda _n: None
     from tqdm import tqdm
 
-    def factory(plan: Any) -> Callable[[int], None]:
-        bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc=plan.rules.name, file=sys.stderr)
+    shown = tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, file=sys.stderr)
 
-        def update(n: int) -> None:
-            bar.update(n)
-            if bar.total is not None and bar.n >= bar.total:
-                bar.close()
+    def update(n: int) -> None:
+        shown.update(n)
+        if shown.total is not None and shown.n >= shown.total:
+            shown.close()
 
-        return update
+    return update
 
-    return factory
+
+def progress_factory(quiet: bool) -> Callable[[Any], Callable[[int], None]]:
+    """A byte-counting progress bar per rule, on a terminal only."""
+    return lambda plan: bar(quiet, plan.total_bytes, "B", plan.rules.name)
 
 
 def quoted(arg: object) -> str:

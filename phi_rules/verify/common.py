@@ -88,22 +88,79 @@ def weight_files(folder: Path) -> list[Path]:
 # Relative rounding of each floating dtype (half its epsilon): weights rounded to a narrower dtype than the
 # source's move every part by a few of these, which is not a divergence.
 ROUNDING = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+# Roundings of the output's dtype a comparison may differ by (tiny models measured: a layer's contribution
+# moves by at most 5, a k/v swap by 240 and more; the logits end to end by at most 42 over 32 layers).
+ROUNDINGS = 16
 
 
-def tolerance(tol: float, source: Checkpoint, out: Checkpoint) -> float:
-    """``tol``, or a few roundings of the output's dtype where it is narrower than the source's (a ``--dtype
-    bfloat16`` output of a float16 source): what rounding every weight can move a part by, and still 100x
-    smaller than any real mistake (k and v swapped, a lost rotary setting) moves it."""
+def dtype_of(ckpt: Checkpoint) -> str:
+    """The floating dtypes a checkpoint holds (``float32``, or ``bfloat16+float32`` where mixed)."""
+    return "+".join(sorted({t.dtype for t in ckpt.tensors.values() if t.dtype in ROUNDING})) or "none"
 
-    def widest(ckpt: Checkpoint) -> float:
-        return min((ROUNDING[t.dtype] for t in ckpt.tensors.values() if t.dtype in ROUNDING), default=0.0)
 
-    narrower = widest(out) > widest(source)
-    return max(tol, 16 * widest(out)) if narrower else tol
+@dataclass(frozen=True)
+class Bounds:
+    """How far each comparison may be from the reference: ``tol`` relative to the scale of what is compared
+    (its largest magnitude, no floor), or, where the output's dtype is narrower than the source's, a few of
+    the output's roundings instead (what rounding every weight can move it by); still far below what a real
+    mistake (k and v swapped, a lost window) moves it by, because each layer is judged by its own
+    contribution, not by the residual stream it adds to."""
+
+    tol: float
+    source: str  # the dtypes on each side, as the report shows them
+    output: str
+    rounding: float  # of the output's dtype where it is narrower than the source's, else 0
+
+    @classmethod
+    def of(cls, tol: float, source: Checkpoint, out: Checkpoint) -> Bounds:
+        def widest(ckpt: Checkpoint) -> float:
+            return min((ROUNDING[t.dtype] for t in ckpt.tensors.values() if t.dtype in ROUNDING), default=0.0)
+
+        narrower = widest(out) > widest(source)
+        return cls(tol, dtype_of(source), dtype_of(out), widest(out) if narrower else 0.0)
+
+    @property
+    def relative(self) -> float:
+        return max(self.tol, ROUNDINGS * self.rounding)
+
+    def part(self, ref: torch.Tensor, residual: torch.Tensor | None = None) -> float:
+        """For one part (a layer's contribution: its output minus its input), by the part's own scale; the
+        float32 rounding of the residual it was taken from is allowed on top (``x + c - x`` is not ``c``)."""
+        floor = 0.0 if residual is None else 8 * ROUNDING["float32"] * _scale(residual)
+        return self.relative * _scale(ref) + floor
+
+    def end_to_end(self, ref: torch.Tensor, layers: int) -> float:
+        """For the logits of the whole model run on its own (not fed the reference's states): rounding
+        accumulates over the layers, about as the square root of their number."""
+        return max(self.tol, ROUNDINGS * self.rounding * math.sqrt(max(layers, 1))) * _scale(ref)
+
+    def to_json(self) -> dict[str, object]:
+        return {"source": self.source, "output": self.output, "relative_tolerance": self.relative}
+
+    def describe(self) -> str:
+        widened = f": tolerances {ROUNDINGS}x {self.output}'s rounding" if self.rounding else ""
+        return f"source {self.source}, output {self.output}{widened}"
+
+
+def _scale(t: torch.Tensor) -> float:
+    value = t.abs().max().item() if t.numel() else 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One length the function was probed at, and why (a switch point of a config, or the everyday probe)."""
+
+    tokens: int
+    why: str
+
+
+NORMS = ("norm", "final_layernorm")  # the final norm's name in each family
 
 
 class Converted:
-    """The output folder through transformers' own modules, one block materialised at a time."""
+    """A folder (the output, or a source of today's architectures) through transformers' own modules, one
+    block materialised at a time."""
 
     def __init__(self, folder: Path, stack: ExitStack, adapter: Adapter | None = None) -> None:
         import torch
@@ -130,7 +187,8 @@ class Converted:
         self.folder = folder
 
     def get(self, name: str) -> torch.Tensor:
-        return weight_of(self.files, name, self.adapter, f"{self.folder}: the output has no tensor {name!r}")
+        missing = f"{self.folder}: no tensor {name!r}, which {type(self.model).__name__} needs"
+        return weight_of(self.files, name, self.adapter, missing)
 
     @contextmanager
     def loaded(self, module: Any, prefix: str) -> Iterator[Any]:
@@ -146,6 +204,34 @@ class Converted:
         import torch
 
         return self.rotary(x, torch.arange(x.shape[1])[None])  # type: ignore[no-any-return]
+
+    def context(self, tokens: int) -> list[dict[str, Any]]:
+        """What the model's own forward hands each decoder layer at ``tokens`` tokens: its attention mask (the
+        sliding window or chunks the class applies for this config, per layer type) and position embeddings
+        (longrope's factors for this length). Read by running that forward with each layer replaced by one
+        that records its arguments, so the mask is the class's, not this tool's reading of the config."""
+        import torch
+
+        calls: list[dict[str, Any]] = []
+
+        class Record(torch.nn.Module):
+            def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                calls.append(kwargs)
+                return hidden_states
+
+        body = self.model.model
+        kept = {name: getattr(body, name) for name in ("layers", "rotary_emb", *NORMS) if hasattr(body, name)}
+        try:
+            body.layers = torch.nn.ModuleList(Record() for _ in kept["layers"])
+            body.rotary_emb = self.rotary
+            for name in NORMS:
+                if name in kept:
+                    setattr(body, name, torch.nn.Identity())
+            body(inputs_embeds=torch.zeros(1, tokens, self.model.config.hidden_size), use_cache=False)
+        finally:
+            for name, module in kept.items():
+                setattr(body, name, module)
+        return calls
 
 
 @dataclass
@@ -163,6 +249,10 @@ class Row:
 @dataclass
 class Report:
     rows: list[Row]
+    probes: list[Probe]
+    bounds: Bounds | None  # None: no function check was possible (see ``checked``)
+    checked: str = ""  # what was checked instead of the function, where nothing could run it
+    reference: str = ""  # what ran the source: a legacy layout's name or transformers' class
 
     @property
     def first_bad(self) -> Row | None:
@@ -173,6 +263,11 @@ class Report:
         return {
             "ok": bad is None,
             "first_divergence": None if bad is None else f"{bad.part}: {bad.hint}",
+            "function_checked": self.bounds is not None,
+            "checked_instead": self.checked or None,
+            "lengths": [p.tokens for p in self.probes],
+            "probes": [{"tokens": p.tokens, "why": p.why} for p in self.probes],
+            "dtypes": None if self.bounds is None else self.bounds.to_json(),
             "parts": [
                 {"part": r.part, "max_abs_delta": r.delta, "tolerance": r.tolerance, "ok": r.ok} for r in self.rows
             ],
@@ -180,10 +275,11 @@ class Report:
 
 
 def delta(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b|; infinite where the shapes differ or either side is not finite (NaN is never close)."""
     if a.shape != b.shape:
         return math.inf
-    d = (a - b).abs().max().item()
-    return math.inf if math.isnan(d) else d
+    d = (a - b).abs().max().item() if a.numel() else 0.0
+    return d if math.isfinite(d) else math.inf
 
 
 def failure(out: Path, report: Report) -> PhiRulesError | None:
@@ -196,11 +292,15 @@ def failure(out: Path, report: Report) -> PhiRulesError | None:
     )
 
 
+LEGACY_PARTS = ("norm", "attention", "mlp")  # the parts of a block compared one by one, shown in its row
+
+
 def layer_rows(report: Report) -> list[tuple[str, float, float]]:
-    """One row per layer (its worst part, relative to its tolerance), plus embeddings, final norm, logits."""
+    """One row per layer and probe length (its worst part, relative to its tolerance), plus embeddings,
+    final norm and logits."""
     grouped: dict[str, Row] = {}
     for r in report.rows:
-        key = " ".join(r.part.split()[:2]) if r.part.startswith("layer ") else r.part
+        key = " ".join(w for w in r.part.split() if w not in LEGACY_PARTS) if r.part.startswith("layer ") else r.part
         worst = grouped.get(key)
         if worst is None or r.delta / max(r.tolerance, 1e-30) > worst.delta / max(worst.tolerance, 1e-30):
             grouped[key] = r

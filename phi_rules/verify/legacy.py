@@ -15,7 +15,7 @@ reference's own input (teacher forcing), so that a divergence is pinned to the p
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from phi_rules.source.checkpoint import Checkpoint
 if TYPE_CHECKING:
     import torch
 
-from phi_rules.verify.common import TOKENS, Adapter, Converted, Report, Row, delta, tolerance, weight_of
+from phi_rules.verify.common import TOKENS, Adapter, Bounds, Converted, Probe, Report, Row, delta, weight_of
 
 
 @dataclass(frozen=True)
@@ -226,10 +226,12 @@ def verify_legacy(
     out: Path,
     tol: float,
     adapters: tuple[Path, Path] | None = None,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
 ) -> Report:
-    """Compare the original architecture on the source with the converted folder; tolerances are
-    ``tol`` times the scale (max |value|, at least 1) of each reference part. ``adapters``: the
-    original adapter folder and its conversion, applied to each side's base by its own names."""
+    """Compare the original architecture on the source with the converted folder; tolerances are set by
+    each reference part's own scale and both sides' dtypes (:class:`Bounds`); the logits are the output's
+    own, run end to end. ``adapters``: the original adapter folder and its conversion, applied to each
+    side's base by its own names. ``progress``: given the number of layers, returns what to call after each."""
     import torch
 
     layout = LAYOUTS.get(layout_name)
@@ -238,15 +240,15 @@ def verify_legacy(
     weights = source
     rows: list[Row] = []
 
-    def add(part: str, ref: torch.Tensor, got: torch.Tensor, hint: str) -> None:
-        rows.append(Row(part, delta(ref, got), tol * max(1.0, ref.abs().max().item()), hint))
+    def add(part: str, ref: torch.Tensor, got: torch.Tensor, hint: str, bound: float | None = None) -> None:
+        rows.append(Row(part, delta(ref, got), bounds.part(ref) if bound is None else bound, hint))
 
     with torch.no_grad(), Checkpoint(weights) as ckpt, ExitStack() as stack:
         s = sizes(layout, config, str(weights[0].parent))
         original, converted = (Adapter(a, stack) for a in adapters) if adapters else (None, None)
         ref = Reference(ckpt, layout_name, s, original)
         conv = Converted(out, stack, converted)
-        tol = tolerance(tol, ckpt, conv.files)
+        bounds = Bounds.of(tol, ckpt, conv.files)
         model = conv.model.model
         vocab = min(model.embed_tokens.num_embeddings, ckpt.tensors[layout.embed].shape[0])
         ids = torch.tensor([(7919 * i + 13) % vocab for i in range(TOKENS)])
@@ -256,6 +258,7 @@ def verify_legacy(
         add("embeddings", x_ref, x_conv[0], "check model.embed_tokens.weight")
         t = ids.shape[0]
         mask = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
+        tick = (progress or (lambda _n: lambda _k: None))(min(s.layers, len(model.layers)))
         for i in range(min(s.layers, len(model.layers))):
             parts = ref.block(i, x_ref)
             where = f"model.layers.{i}"
@@ -273,6 +276,7 @@ def verify_legacy(
                 add(f"layer {i} mlp", parts["mlp"], layer.mlp(h)[0], f"check fc1/fc2 of {where}.mlp")
                 x_conv = layer(x_conv, attention_mask=mask, position_embeddings=conv.positions(x_conv))
             x_ref = parts["out"]
+            tick(1)
         if s.layers != len(model.layers):
             rows.append(
                 Row("layers", math.inf, 0.0, f"the source has {s.layers} layers, the output {len(model.layers)}")
@@ -282,5 +286,9 @@ def verify_legacy(
             add("final norm", final["final norm"], norm(x_ref[None])[0], "check model.final_layernorm")
             x_conv = norm(x_conv)
         with conv.loaded(conv.model.lm_head, "lm_head.") as head:
-            add("logits", final["logits"], head(x_conv)[0], "check lm_head (and every layer above)")
-    return Report(rows)
+            logits = final["logits"]
+            bound = bounds.end_to_end(logits, s.layers)
+            add("logits", logits, head(x_conv)[0], "check lm_head (and every layer above)", bound)
+    return Report(
+        rows, [Probe(TOKENS, "every part, teacher-forced; the logits end to end")], bounds, reference=layout_name
+    )
