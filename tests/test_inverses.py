@@ -214,3 +214,16 @@ def test_forward_then_backward_is_bit_identical_or_refused(chain: tuple[Raw, tor
     back = round_trip(raw, [x])
     if not isinstance(back, str):
         assert same(back, [x]), (raw, inverse_ops(raw, 1))
+
+
+def test_take_one_compares_bytes() -> None:
+    """Copies that differ only in the sign of a zero are two tensors; a NaN and its byte-identical copy are one."""
+    (take,) = _build([{"take_one": 2}], 2)
+    zero = torch.zeros(3)
+    with pytest.raises(OpError, match="the 2 copies differ"):
+        take.run([zero, -zero])
+    nan = torch.tensor([float("nan"), 1.0])
+    (one,) = take.run([nan, nan.clone()])
+    assert one.isnan()[0] and one[1] == 1.0
+    with pytest.raises(OpError, match="the 2 copies differ"):
+        take.run([nan, nan.double()])

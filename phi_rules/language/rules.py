@@ -260,6 +260,10 @@ class _Checker:
 
     def parse_expr(self, path: YPath, value: object, known: Mapping[str, str]) -> expr.Node | None:
         if not isinstance(value, str):
+            why = expr.unfit(value)
+            if why is not None:
+                self.error(path, f"bad number: {why}")
+                return None
             return expr.Const(value)  # type: ignore[arg-type]
         try:
             node = expr.parse(value)
@@ -344,6 +348,9 @@ def _source_names(c: _Checker, raw: object) -> dict[str, str]:
     for i, name in enumerate(fields):
         if name in defaults:
             c.error(("source", "fields", i), f"{name!r} is declared in fields and in config_defaults: keep one")
+    for name, value in defaults.items():
+        if (why := expr.unfit(value)) is not None:
+            c.error(("source", "config_defaults", name), f"bad number: {why}")
     return {str(k): "source config" for k in [*fields, *defaults]}
 
 
