@@ -227,3 +227,24 @@ def test_take_one_compares_bytes() -> None:
     assert one.isnan()[0] and one[1] == 1.0
     with pytest.raises(OpError, match="the 2 copies differ"):
         take.run([nan, nan.double()])
+
+
+def test_a_users_own_rule_runs_backward_from_the_command_line(cli, tmp_path: Path) -> None:
+    """`apply MINE.yaml --to LAYOUT` runs the backward rule MINE derives where that writes LAYOUT, as --to does
+    for the shipped rules: forward, then back, the very same bytes."""
+    from conftest import ROOT
+    from phi_reference import MsftConfig, random_state, write_checkpoint
+    from safetensors.torch import load_file
+
+    cfg = MsftConfig(vocab_size=80, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
+    src = write_checkpoint(tmp_path / "src", random_state(cfg, torch.float32, seed=30), cfg)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"version: 1\nname: mine\nextends: {ROOT / 'rules' / 'phi-2.yaml'}\nreverse: {{name: mine-back}}\n")
+    assert cli("apply", mine, "--source", src, "--out", tmp_path / "there", "--quiet")[0] == 0
+    code, out, err = cli("plan", mine, "--source", tmp_path / "there", "--to", "phi-msft")
+    assert code == 0 and "\nmine-back: " in out, err
+    code, _, err = cli("apply", mine, "--source", tmp_path / "there", "--to", "phi-msft", "--out", tmp_path / "back")
+    assert code == 0, err
+    before, back = load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(before) == sorted(back)
+    assert all(same([back[k].view(torch.uint8)], [t.view(torch.uint8)]) for k, t in before.items())

@@ -216,7 +216,7 @@ def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     from phi_rules.language.rules import load_ref
 
     if paths:
-        return [load_ref(r) for r in paths]  # every file is checked before any work starts
+        return [load_ref(r, getattr(args, "to", None)) for r in paths]  # every file checked before any work starts
     return [chosen(args.source, _detected(args), getattr(args, "to", None))]
 
 

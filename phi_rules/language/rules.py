@@ -747,9 +747,15 @@ def rule_files(paths: Iterable[Path | str]) -> list[Path]:
     return found
 
 
-def load_ref(ref: str) -> Rules:
-    """A rule argument: a file, a shipped rule's name, or the name of the backward rule a shipped one derives."""
+def load_ref(ref: str, to: str | None = None) -> Rules:
+    """A rule argument: a file, a shipped rule's name, or the name of the backward rule a shipped one derives.
+    With ``to`` (``--to``), the backward rule the named one derives where that, not the rule, writes ``to``:
+    a user's own rule runs backward as the shipped ones do."""
     forward = shipped_reverse_names().get(ref)
     if forward is not None and not Path(ref).exists():
         return load_rules(forward, backward=True)
-    return load_rules(rule_path(ref))
+    rules = load_rules(rule_path(ref))
+    if to is None or to in rules.target.names or not rules.reversible:
+        return rules
+    backward = load_rules(rules.path, backward=True)
+    return backward if to in backward.target.names else rules
