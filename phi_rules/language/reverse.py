@@ -23,46 +23,51 @@ at the forward lines they come from): steps run in the opposite order, each inve
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from phi_rules.errors import Diagnostic
+from phi_rules.language import expr, shortform
 from phi_rules.language.expr import CONSTANTS
 from phi_rules.language.located_yaml import Located
 from phi_rules.language.ops import OPS, Shapes
 from phi_rules.language.symbolic import Opaque, Sym
 
-_SPEC = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
-
 
 def _restrictions(text: str) -> dict[str, str]:
-    return {m.group(1): m.group(0) for m in _SPEC.finditer(text) if m.group(2)}
+    return {slot.name: slot.raw for slot in shortform.slots(text) if slot.restrict}
 
 
 def _restrict(text: str, specs: dict[str, str]) -> str:
     """``{p}`` becomes ``{p:weight|bias}`` where the forward pattern restricted ``p``."""
-    return _SPEC.sub(lambda m: specs.get(m.group(1), m.group(0)) if not m.group(2) else m.group(0), text)
+    return shortform.rewrite(text, lambda slot: slot.raw if slot.restrict else specs.get(slot.name, slot.raw))
 
 
 def plain(text: str) -> str:
     """A short-form name without placeholder restrictions: ``{p:weight|bias}`` becomes ``{p}``."""
-    return _SPEC.sub(lambda m: "{" + m.group(1) + "}", text)
+    return shortform.rewrite(text, lambda slot: "{" + slot.name + "}")
 
 
-_SHIFT = re.compile(r"\{\s*(\w+)\s*([+-])\s*(\d+)\s*\}")  # {i - 1}: a placeholder moved by a constant
-_PIN = re.compile(r"^\s*(\w+)\s*==\s*(.+?)\s*$")  # i == num_hidden_layers + 1: a placeholder pinned
+def _pinned(when: str) -> tuple[str, str] | None:
+    """``i == num_hidden_layers + 1``: the placeholder a condition pins, and the expression it is pinned to."""
+    try:
+        node = expr.parse(when)
+    except expr.ExprError:
+        return None
+    if not (isinstance(node, expr.Binary) and node.op == "==" and isinstance(node.left, expr.Name)):
+        return None
+    return node.left.name, when.split("==", 1)[1].strip()
 
 
 def _backward(frm: str, to: str, pinned: tuple[str, str] | None = None) -> tuple[str, str]:
     """The backward (pattern, target) of a forward short-form pair. ``{i - 1}`` in the target becomes ``{i}``
     in the backward pattern and the source's ``{i}`` becomes ``{i + 1}``; a placeholder that ``when`` pins to an
     expression is written as that expression; restrictions (``{p:weight|bias}``) move to the new pattern."""
-    pattern, target = to, plain(frm)
-    for m in _SHIFT.finditer(to):
-        name, sign, amount = m.groups()
-        pattern = pattern.replace(m.group(0), "{" + name + "}")
-        target = target.replace("{" + name + "}", "{" + f"{name} {'-' if sign == '+' else '+'} {amount}" + "}")
+    shifts = {slot.raw: moved for slot in shortform.slots(to) if (moved := slot.shift()) is not None}
+    pattern = shortform.rewrite(to, lambda slot: "{" + shifts[slot.raw][0] + "}" if slot.raw in shifts else slot.raw)
+    target = plain(frm)
+    for name, amount in shifts.values():
+        target = target.replace("{" + name + "}", "{" + f"{name} {'-' if amount > 0 else '+'} {abs(amount)}" + "}")
     if pinned is not None:
         target = target.replace("{" + pinned[0] + "}", "{" + pinned[1] + "}")
     return _restrict(pattern, _restrictions(frm)), target
@@ -115,11 +120,10 @@ def _step(raw: dict[str, Any], problem: Callable[[str], None]) -> dict[str, Any]
     if kind == "rename":
         pinned = None
         if "when" in raw:
-            m = _PIN.match(str(raw["when"]))
-            if m is None or any("{" + m.group(1) not in str(frm) for frm in body):
+            pinned = _pinned(str(raw["when"]))
+            if pinned is None or any("{" + pinned[0] not in str(frm) for frm in body):
                 problem("applies only `when` a condition holds that pins no placeholder (write `i == EXPR`)")
                 return None
-            pinned = (m.group(1), m.group(2))
         return {**head, "rename": dict(_backward(str(frm), str(to), pinned) for frm, to in body.items())}
     if "when" in body:
         problem("applies only `when` a condition holds, which the backward direction cannot tell")

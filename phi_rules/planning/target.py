@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
-from phi_rules.language.rules import Where
+from phi_rules.language.checker import Where
 from phi_rules.planning.planner import SHOW, Plan
 
 ROPE_KEYS = ("partial_rotary_factor", "rope_theta")  # keyword arguments that land in rope_parameters
