@@ -86,11 +86,27 @@ def test_the_backward_of_a_chain_gives_its_input_back_bit_for_bit(raw: Raw, shap
     assert same(back, [x])
 
 
-REFUSED = [
-    ([{"split": {"dim": 1, "parts": 2}}, {"reshape": [3, 4]}], "reshape (ops/1)"),  # issue: came back [3, 8]
-    ([{"reshape": [6, 4]}, {"split": {"dim": 0, "parts": 2}}], "reshape (ops/0)"),  # issue: came back [6, 4]
-    ([{"view": [-1, 2, "..."]}, {"transpose": [1, 2]}, {"reshape": "input"}], "reshape (ops/2)"),  # ... moved
-    ([{"view": [6, 4]}, {"split": {"dim": 0, "sizes": [2, 4]}}, {"reshape": [-1]}], "reshape (ops/2)"),
+REFUSED = [  # the chain, the op refused and why
+    (
+        [{"split": {"dim": 1, "parts": 2}}, {"reshape": [3, 4]}],
+        "reshape (ops/1) that cannot be undone: the shape before it is part 0",
+    ),  # issue: came back [3, 8]
+    (
+        [{"reshape": [6, 4]}, {"split": {"dim": 0, "parts": 2}}],
+        "reshape (ops/0) that cannot be undone: the shape before it is the transform's input",
+    ),  # issue: came back [6, 4]
+    (
+        [{"view": [-1, 2, "..."]}, {"transpose": [1, 2]}, {"reshape": "input"}],
+        "reshape (ops/2) that cannot be undone: the shape before it is lost",
+    ),
+    (
+        [{"view": [6, 4]}, {"split": {"dim": 0, "sizes": [2, 4]}}, {"reshape": [-1]}],
+        "reshape (ops/2) that cannot be undone: the tensors it reshapes had different shapes",
+    ),
+    (
+        [{"split": {"dim": 1, "sizes": [3, 3]}}, {"view": [-1, "..."]}],
+        "view (ops/1) that cannot be undone: the shape before it is part 0",
+    ),
     ([{"view": [2, 3, 4]}, {"permute": [1, 2, 0]}], "view (ops/0)"),
     ([{"cast": "float16"}], "'cast'"),
 ]
