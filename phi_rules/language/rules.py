@@ -100,7 +100,7 @@ class Rules:
     converted: bool = False  # its layout is the target's own: nothing to convert
     refusals: tuple[Refusal, ...] = ()
     backward: bool = False  # derived from a rule's ``reverse`` section
-    reversible: str = ""  # the name of the backward rule this one derives, if any
+    backward_name: str = ""  # the name of the backward rule this one derives, if any
 
     @property
     def config_only(self) -> bool:
@@ -323,7 +323,7 @@ def check_file(path: Path | str) -> list[Diagnostic]:
     """All problems of one rule file (and of the bases it extends, and of its derived backward rule), sorted
     by position; empty if valid."""
     problems, rules = _check(str(path), Path(path))
-    if rules is not None and rules.reversible:
+    if rules is not None and rules.backward_name:
         problems += [d for d in _check(str(path), Path(path), backward=True)[0] if d not in problems]
     return _sorted(problems)
 
@@ -358,7 +358,7 @@ def load_ref(ref: str, to: str | None = None) -> Rules:
     if forward is not None and not Path(ref).exists():
         return load_rules(forward, backward=True)
     rules = load_rules(rule_path(ref))
-    if to is None or to in rules.target.names or not rules.reversible:
+    if to is None or to in rules.target.names or not rules.backward_name:
         return rules
     backward = load_rules(rules.path, backward=True)
     return backward if to in backward.target.names else rules
