@@ -19,11 +19,12 @@ from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language import expr
 from phi_rules.language.document import RULES_DIR, load_document
 from phi_rules.language.regex import literal_prefix
-from phi_rules.language.rules import Drop, Rename, Rules, load_rules, rule_files
+from phi_rules.language.rules import Rules, load_rules, rule_files
+from phi_rules.language.steps import Drop, Rename
 from phi_rules.options import Options
 from phi_rules.planning.planner import Plan, make_plan
 from phi_rules.source.header import TensorInfo
-from phi_rules.source.resolve import ResolvedSource, headers_only, source_tensors
+from phi_rules.source.resolve import ResolvedSource, headers_only, resolve, source_tensors
 
 SAMPLE = 3  # tensor names shown of those no rule consumes
 
@@ -148,6 +149,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> Dete
     """Every candidate's verdict for a source: a folder, a weights file, or a hub repository. A source whose
     weights cannot be read, or whose config file cannot, is one error before any rule is tried."""
     read: dict[object, Read] = {}
+    carried: dict[object, object] = {}
     fits = []
     rules_list = candidates(extra)
     shipped = len(rules_list) - len(extra)
@@ -161,10 +163,16 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> Dete
                 fits.append(Fit(rules, exc.diagnostics[0].message, reads=False))
                 continue
             read[key] = (tensors, resolved, resolved.config(), resolved.base())  # a bad config.json: raised here
+            carried[key] = rules.source.extra_files  # the side files that ``resolved`` holds
         tensors, resolved, config, base = read[key]
         if rules.source.config_file == "config.json":
             model_config = config
-        whole = None if headers_only(rules, options.source) else resolved
+        if headers_only(rules, options.source):
+            whole = None
+        elif carried[key] == rules.source.extra_files:
+            whole = resolved
+        else:  # rules that read the same weights need not carry the same side files
+            whole = resolve(rules, options.source)
         if tensors and reads_nothing(rules, sorted(tensors)):
             fits.append(replace(_unconsumed(rules, list(tensors)), given=n >= shipped))
             continue

@@ -67,6 +67,16 @@ def entry(dtype: str = "F32", shape: list[int] | None = None, offsets: list[int]
     return {"dtype": dtype, "shape": shape or [2], "data_offsets": offsets or [0, 8]}
 
 
+INFINITE_SPLIT = """edit_steps:
+  - name: infinite
+    before: split-qkv
+    transform:
+      from: transformer.h.{i}.mixer.Wqkv
+      ops: [{split: {dim: 0, sizes: ['1e999', '1e999 - 1e999']}}]
+      to: ['transformer.h.{i}.mixer.Wqkv', 'transformer.h.{i}.mixer.rest']
+"""
+
+
 def with_source(tmp: Path, change: Callable[[Path], None]) -> list[object]:
     src = good(tmp)
     change(src)
@@ -173,7 +183,7 @@ CASES = [
     ),
     Case(
         "huge-number",
-        lambda t: apply(t, variant(t, "target: {config: {hidden_size: n_embd * 100000000000000000000000}}\n")),
+        lambda t: apply(t, variant(t, "target: {config: {hidden_size: n_embd * 100000000000000}}\n")),  # < int64
         1,
         "PhiForCausalLM cannot be built from the config",
     ),
@@ -274,6 +284,30 @@ CASES = [
     Case("config-not-object", lambda t: config(t, "[1]"), 1, "config.json: the source config is not a JSON object"),
     Case("config-wrong-type", lambda t: config(t, json.dumps({**CFG.to_json(), "n_embd": "big"})), 1, "'big'"),
     Case("sizes-do-not-divide", lambda t: config(t, json.dumps({**CFG.to_json(), "n_head": 3})), 1, "step 'split-qkv'"),
+    Case("config-nan", lambda t: config(t, json.dumps({**CFG.to_json(), "n_embd": float("nan")})), 1, "n_embd: nan"),
+    Case("config-zero-layers", lambda t: config(t, json.dumps({**CFG.to_json(), "n_layer": 0})), 1, "counts: refused"),
+    Case("config-negative-layers", lambda t: config(t, json.dumps({**CFG.to_json(), "n_layer": -1})), 1, "refused: n_"),
+    Case(
+        "config-huge-integer",
+        lambda t: config(t, json.dumps({**CFG.to_json(), "rotary_dim": int("9" * 400)})),
+        1,
+        "{tmp}/src/config.json: rotary_dim: an integer of 1329 bits is too large",
+    ),
+    Case(
+        "rule-number-out-of-range",
+        lambda t: apply(t, variant(t, "let: {x: 1e999 - 1e999}\n")),
+        1,
+        "{tmp}/rule.yaml:4:10: let/x: bad expression '1e999 - 1e999': the number 1e999 is out of range",
+    ),
+    Case("rule-infinite-number", lambda t: apply(t, variant(t, "let: {x: .inf}\n")), 1, "let/x: bad number: inf"),
+    Case(
+        "rule-infinite-split-size",
+        lambda t: apply(t, variant(t, INFINITE_SPLIT)),
+        1,
+        "ops/0/split/sizes/0: bad expression '1e999': the number 1e999 is out of range",
+    ),
+    Case("set-nan", lambda t: [*apply(t, PHI2), "--set", "n_head=NaN"], 2, "n_head=NaN: nan is not a finite number"),
+    Case("set-infinity", lambda t: [*apply(t, PHI2), "--set", "n_head_kv=Infinity"], 2, "inf is not a finite number"),
     Case(
         "missing-layer",
         lambda t: state_source(t, lambda s: [s.pop(k) for k in list(s) if ".h.1." in k]),

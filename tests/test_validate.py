@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from phi_rules.errors import Diagnostic, PhiRulesError
 from phi_rules.language import expr
-from phi_rules.language.rules import SCHEMA_PATH, check_file, check_text, load_rules, rule_files
+from phi_rules.language.document import SCHEMA_PATH
+from phi_rules.language.rules import check_file, check_text, load_rules, rule_files
 
 SHIPPED = rule_files([ROOT / "rules"])
 BROKEN = sorted((ROOT / "tests" / "broken").glob("*.yaml"))

@@ -74,8 +74,8 @@ def list_command(args: argparse.Namespace) -> int:
                 r = load_rules(f)
                 row |= {"name": r.name, "layout": r.layout or None, "description": " ".join(r.description.split())}
                 data = document.located.data if isinstance(document.located.data, dict) else {}
-                row["one_way"] = None if r.reversible else (one_way(data) or "it has no reverse section")
-                if r.reversible:  # the backward rule it derives: a rule of its own, by name
+                row["one_way"] = None if r.backward_name else (one_way(data) or "it has no reverse section")
+                if r.backward_name:  # the backward rule it derives: a rule of its own, by name
                     b = load_rules(f, backward=True)
                     described = f"(derived: {r.name} backward) {' '.join(b.description.split())}"
                     rows.append(row)
@@ -229,7 +229,7 @@ def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     from phi_rules.language.rules import load_ref
 
     if paths:
-        return [load_ref(r) for r in paths]  # every file is checked before any work starts
+        return [load_ref(r, getattr(args, "to", None)) for r in paths]  # every file checked before any work starts
     return [f.rules for f in _route(args, one=True)]
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from phi_rules.language.expr import unfit
+
 if TYPE_CHECKING:
     _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -67,9 +69,13 @@ def _set_value(text: str) -> tuple[str, object]:
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
+        value = json.loads(raw)
+    except ValueError:  # not JSON (or more digits than Python reads): plain text
         return key, raw
+    why = unfit(value)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"{key}={raw[:40]}: {why}")
+    return key, value
 
 
 def _parse_size(text: str) -> int:

@@ -27,6 +27,20 @@ from phi_rules.language import regex
 Value = int | float | str | bool | None
 
 
+INT64 = 2**63  # no size, count or id of a model reaches this: torch, safetensors and JSON readers stop here
+
+
+def unfit(value: object) -> str | None:
+    """Why a number cannot be a model's (NaN, an infinity, an integer past int64), looking inside lists and
+    objects (``key: why``); None where every number fits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= INT64:
+        return f"an integer of {value.bit_length()} bits is too large (past int64)"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((f"{k}: {why}" for k, v in items if (why := unfit(v)) is not None), None)
+
+
 class ExprError(Exception):
     """A syntax or evaluation problem, with the character offset where it was found."""
 
@@ -164,7 +178,13 @@ class _Parser:
     def atom(self) -> Node:
         kind, text, offset = self.take()
         if kind == "num":
-            return Const(float(text) if any(c in text for c in ".eE") else int(text))
+            try:
+                value: Value = float(text) if any(c in text for c in ".eE") else int(text)
+            except ValueError:  # more digits than Python converts
+                value = math.inf
+            if unfit(value) is not None:
+                raise ExprError(f"the number {text[:24]}{'…' if len(text) > 24 else ''} is out of range", offset)
+            return Const(value)
         if kind == "str":
             return Const(text[1:-1])
         if kind == "name":
@@ -228,6 +248,9 @@ def names(node: Node) -> list[Name]:
 def _number(value: Value, what: str) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ExprError(f"{what} must be a number, not {value!r}")
+    why = unfit(value)
+    if why is not None:
+        raise ExprError(f"{what}: {why}")
     return value
 
 
@@ -245,7 +268,11 @@ def _arith(op: str, a: Value, b: Value) -> Value:
         "//": lambda p, q: p // q,
         "%": lambda p, q: p % q,
     }
-    return ops[op](x, y)
+    result = ops[op](x, y)
+    why = unfit(result)
+    if why is not None:
+        raise ExprError(f"{op!r} gives a number out of range: {why}")
+    return result
 
 
 def _compare(op: str, a: Value, b: Value) -> bool:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from phi_rules.dtypes import ITEMSIZE
-from phi_rules.language import expr
+from phi_rules.language import expr, symbolic
+from phi_rules.language.symbolic import REST, Sym
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +40,16 @@ class Spec:
 
 
 Bytes = tuple[list[Segment], Spec]  # a tensor's bytes as ranges of source files, and its spec
+Undone = dict[str, Any] | str  # the op (rule-file form) that undoes one, or why there is none
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Where an op stands in a transform, as the rule writes it (see :mod:`symbolic`): the shapes of the
+    current tensors and what ``input`` names there."""
+
+    current: list[Sym]
+    start: Sym
 
 
 @dataclass(frozen=True)
@@ -55,9 +66,6 @@ def _dim(dim: int, rank: int, what: str) -> int:
     if not -rank <= dim < rank:
         raise OpError(f"{what}: dim {dim} is out of range for a {rank}-d tensor")
     return dim % rank
-
-
-REST = "..."  # last in a view or reshape: the input's dimensions after its first
 
 
 def _ints(nodes: tuple[expr.Node, ...], env: Mapping[str, expr.Value]) -> tuple[int, ...]:
@@ -131,6 +139,17 @@ class Op(ABC):
             raise OpError(f"{self} cannot stand zeros in for an absent input")
         return [s for s in specs if s is not None]
 
+    @classmethod
+    def follow(cls, arg: Any, at: Shapes) -> list[Sym] | None:
+        """The shapes after the op, from its rule-file form; None for an op that has no inverse."""
+        return None
+
+    @classmethod
+    def undo(cls, arg: Any, before: Shapes, after: Shapes) -> Undone:
+        """The op that makes ``before`` from ``after`` again (both as :meth:`follow` saw them; ``after.start``
+        is what ``input`` names in the backward rule), or why the rule language has none."""
+        return f"has no inverse in the rule language ({cls.name} loses what its inverse would need)"
+
 
 @dataclass(frozen=True)
 class Split(Op):
@@ -185,6 +204,27 @@ class Split(Op):
         import torch
 
         return list(torch.split(tensors[0], list(_values(self.sizes or ())), dim=self.dim))
+
+    @classmethod
+    def follow(cls, arg: Any, at: Shapes) -> list[Sym] | None:
+        """Each part's shape: the input's with the split dim replaced by the part's size (unknown for equal
+        parts); a part along dim 0 of an opaque input keeps its tail."""
+        sizes: list[symbolic.Dim] = list(arg["sizes"]) if arg.get("sizes") is not None else []
+        parts = sizes or [symbolic.Unknown() for _ in range(int(arg.get("parts") or 1))]
+        shape = at.current[0]
+        if isinstance(shape, symbolic.Opaque):
+            if arg["dim"] == 0:
+                return [(p, symbolic.Tail(shape)) for p in parts]
+            return [symbolic.Opaque(f"part {i} of {shape.what}") for i in range(len(parts))]
+        fixed = symbolic.fixed_rank(shape, [arg["dim"]])
+        if fixed is None:
+            return [None] * len(parts)
+        dims, (dim,) = fixed
+        return [(*dims[:dim], p, *dims[dim + 1 :]) for p in parts]
+
+    @classmethod
+    def undo(cls, arg: Any, before: Shapes, after: Shapes) -> Undone:
+        return {"concat": {"dim": arg["dim"]}}
 
     def __str__(self) -> str:
         return f"split(dim={self.dim}, sizes={list(_values(self.sizes or ()))})"
@@ -290,6 +330,22 @@ class View(Op):
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t.view(*_values(self.dims or ())) for t in tensors]
 
+    @classmethod
+    def follow(cls, arg: Any, at: Shapes) -> list[Sym] | None:
+        shape = at.start if arg == "input" else symbolic.written_dims(arg, at.current[0])
+        return [shape] * len(at.current)
+
+    @classmethod
+    def undo(cls, arg: Any, before: Shapes, after: Shapes) -> Undone:
+        """A reshape back to the shape before: ``input`` where that is the backward's run start, else the dims
+        as the rule wrote them, alike for every tensor."""
+        if before.current[0] is not None and all(s == after.start for s in before.current):
+            return {"reshape": "input"}
+        written = [symbolic.write(s, after.current[0]) for s in before.current]
+        if written[0] is not None and all(w == written[0] for w in written):
+            return {"reshape": written[0]}
+        return f"cannot be undone: {symbolic.why_unwritten(before.current, after.current[0])}"
+
     def __str__(self) -> str:
         return f"{self.name}({', '.join([*map(str, _values(self.dims or ())), *([REST] if self.rest else [])])})"
 
@@ -332,6 +388,22 @@ class Permute(Op):
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t.permute(*self.order(t.dim())) for t in tensors]
 
+    @classmethod
+    def follow(cls, arg: Any, at: Shapes) -> list[Sym] | None:
+        return [cls._moved(arg, s) for s in at.current]
+
+    @classmethod
+    def _moved(cls, arg: list[int], shape: Sym) -> Sym:
+        """The shape permuted, where its rank is known (a permute names every dim)."""
+        fixed = symbolic.fixed_rank(shape, list(range(len(arg))))
+        if fixed is None or len(fixed[0]) != len(arg):
+            return None
+        return tuple(fixed[0][d] for d in arg)
+
+    @classmethod
+    def undo(cls, arg: Any, before: Shapes, after: Shapes) -> Undone:
+        return {"permute": [list(arg).index(i) for i in range(len(arg))]}
+
     def __str__(self) -> str:
         return f"{self.name}({', '.join(map(str, self.dims))})"
 
@@ -353,6 +425,21 @@ class Transpose(Permute):
         order = list(range(rank))
         order[a], order[b] = b, a
         return tuple(order)
+
+    @classmethod
+    def _moved(cls, arg: list[int], shape: Sym) -> Sym:
+        """The shape with two dims swapped, where both are places of their own (before any ``...``)."""
+        fixed = symbolic.fixed_rank(shape, list(arg))
+        if fixed is None:
+            return None
+        dims, (a, b) = fixed
+        swapped = list(dims)
+        swapped[a], swapped[b] = dims[b], dims[a]
+        return tuple(swapped)
+
+    @classmethod
+    def undo(cls, arg: Any, before: Shapes, after: Shapes) -> Undone:
+        return {"transpose": list(arg)}
 
 
 @dataclass(frozen=True)
@@ -406,8 +493,25 @@ class Repeat(Op):
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [tensors[0]] * self.times
 
+    @classmethod
+    def follow(cls, arg: Any, at: Shapes) -> list[Sym] | None:
+        return [at.current[0]] * int(arg)
+
+    @classmethod
+    def undo(cls, arg: Any, before: Shapes, after: Shapes) -> Undone:
+        return {"take_one": arg}
+
     def __str__(self) -> str:
         return f"repeat({self.times})"
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Copies are equal when their bytes are: -0.0 is not 0.0, and a NaN equals its own copy."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(*(t.detach().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)))
 
 
 @dataclass(frozen=True)
@@ -433,11 +537,17 @@ class TakeOne(Op):
         return [specs[0]]
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        import torch
-
-        if not all(torch.equal(tensors[0], t) for t in tensors[1:]):
+        if not all(_same_bytes(tensors[0], t) for t in tensors[1:]):
             raise OpError(f"{self}: the {self.copies} copies differ, so they are not one tensor repeated")
         return [tensors[0]]
+
+    @classmethod
+    def follow(cls, arg: Any, at: Shapes) -> list[Sym] | None:
+        return [at.current[0]]
+
+    @classmethod
+    def undo(cls, arg: Any, before: Shapes, after: Shapes) -> Undone:
+        return {"repeat": arg}
 
     def __str__(self) -> str:
         return f"take_one({self.copies})"

@@ -9,8 +9,11 @@ at the forward lines they come from): steps run in the opposite order, each inve
 - a short-form ``transform`` swaps ``from`` and ``to`` and inverts its ops in reverse order: a split
   becomes a concat along the same dim (the sizes are the inputs' own);
 - ``target.config`` values that are plain field names invert to the same names; ``copy`` stays;
-- view, reshape, transpose and permute are undone by the reshapes and transposes that lead back; a
-  repeat by a take_one of its equal copies (and back), so a transform from several inputs to one inverts;
+- each op says what undoes it (:meth:`Op.undo`), given the shapes on both sides of it as the rule writes
+  them, every part of a split its own (:mod:`symbolic`): view and reshape a reshape back to the shape before
+  (refused where the rule's names cannot spell that shape), transpose and permute their inverse
+  permutation, a repeat a take_one of its equal copies (and back), so a transform from several inputs to
+  one inverts;
 - a ``drop`` marked ``recomputed`` (buffers the model computes itself) writes nothing backward;
 - an adapter rule's ``target.adapter`` maps each module name back to the one it came from;
 - other drops, regex-form steps, ``when``, ``absent: zeros``, ops without an inverse (cast, concat and
@@ -20,45 +23,51 @@ at the forward lines they come from): steps run in the opposite order, each inve
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from phi_rules.errors import Diagnostic
+from phi_rules.language import expr, shortform
 from phi_rules.language.expr import CONSTANTS
 from phi_rules.language.located_yaml import Located
-from phi_rules.language.ops import REST
-
-_SPEC = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
+from phi_rules.language.ops import OPS, Shapes
+from phi_rules.language.symbolic import Opaque, Sym
 
 
 def _restrictions(text: str) -> dict[str, str]:
-    return {m.group(1): m.group(0) for m in _SPEC.finditer(text) if m.group(2)}
+    return {slot.name: slot.raw for slot in shortform.slots(text) if slot.restrict}
 
 
 def _restrict(text: str, specs: dict[str, str]) -> str:
     """``{p}`` becomes ``{p:weight|bias}`` where the forward pattern restricted ``p``."""
-    return _SPEC.sub(lambda m: specs.get(m.group(1), m.group(0)) if not m.group(2) else m.group(0), text)
+    return shortform.rewrite(text, lambda slot: slot.raw if slot.restrict else specs.get(slot.name, slot.raw))
 
 
 def plain(text: str) -> str:
     """A short-form name without placeholder restrictions: ``{p:weight|bias}`` becomes ``{p}``."""
-    return _SPEC.sub(lambda m: "{" + m.group(1) + "}", text)
+    return shortform.rewrite(text, lambda slot: "{" + slot.name + "}")
 
 
-_SHIFT = re.compile(r"\{\s*(\w+)\s*([+-])\s*(\d+)\s*\}")  # {i - 1}: a placeholder moved by a constant
-_PIN = re.compile(r"^\s*(\w+)\s*==\s*(.+?)\s*$")  # i == num_hidden_layers + 1: a placeholder pinned
+def _pinned(when: str) -> tuple[str, str] | None:
+    """``i == num_hidden_layers + 1``: the placeholder a condition pins, and the expression it is pinned to."""
+    try:
+        node = expr.parse(when)
+    except expr.ExprError:
+        return None
+    if not (isinstance(node, expr.Binary) and node.op == "==" and isinstance(node.left, expr.Name)):
+        return None
+    return node.left.name, when.split("==", 1)[1].strip()
 
 
 def _backward(frm: str, to: str, pinned: tuple[str, str] | None = None) -> tuple[str, str]:
     """The backward (pattern, target) of a forward short-form pair. ``{i - 1}`` in the target becomes ``{i}``
     in the backward pattern and the source's ``{i}`` becomes ``{i + 1}``; a placeholder that ``when`` pins to an
     expression is written as that expression; restrictions (``{p:weight|bias}``) move to the new pattern."""
-    pattern, target = to, plain(frm)
-    for m in _SHIFT.finditer(to):
-        name, sign, amount = m.groups()
-        pattern = pattern.replace(m.group(0), "{" + name + "}")
-        target = target.replace("{" + name + "}", "{" + f"{name} {'-' if sign == '+' else '+'} {amount}" + "}")
+    shifts = {slot.raw: moved for slot in shortform.slots(to) if (moved := slot.shift()) is not None}
+    pattern = shortform.rewrite(to, lambda slot: "{" + shifts[slot.raw][0] + "}" if slot.raw in shifts else slot.raw)
+    target = plain(frm)
+    for name, amount in shifts.values():
+        target = target.replace("{" + name + "}", "{" + f"{name} {'-' if amount > 0 else '+'} {abs(amount)}" + "}")
     if pinned is not None:
         target = target.replace("{" + pinned[0] + "}", "{" + pinned[1] + "}")
     return _restrict(pattern, _restrictions(frm)), target
@@ -68,52 +77,30 @@ def _as_list(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-_START = "input"  # a run's first shape: the transform input's, or the last split or concat's output
-
-
-def _permutation(kind: str, arg: list[int], rank: int) -> list[int]:
-    if kind == "permute":
-        return list(arg)
-    a, b = (d % rank for d in arg)
-    order = list(range(rank))
-    order[a], order[b] = b, a
-    return order
-
-
-def _inverse_ops(ops: list[dict[str, Any]]) -> list[dict[str, Any]] | str:
-    """The ops that undo ``ops``, or why there are none. A reshape is undone by reshaping to the shape before
-    it, followed symbolically: the dims a view or reshape wrote, permuted by the transposes after it, or
-    ``input`` (the shape its run of reshapes started from)."""
-    before: list[object] = []  # each op's input shape: a list of dims as written, _START, or None (unknown)
-    shape: object = _START
-    for op in ops:
+def inverse_ops(ops: list[dict[str, Any]], inputs: int) -> list[dict[str, Any]] | str:
+    """The ops that undo ``ops`` (rule-file form, from ``inputs`` tensors), or why there are none. The ops are
+    followed forward on the shapes the rule writes (:mod:`symbolic`), every part of a split its own; then each,
+    last first, says what undoes it given the shapes on both sides of it (:meth:`Op.undo`)."""
+    given: list[Sym] = [Opaque("the transform's input" if inputs == 1 else f"input {k}") for k in range(inputs)]
+    at = Shapes(given, given[0])
+    seen: list[Shapes] = []
+    for i, op in enumerate(ops):
         kind, arg = next(iter(op.items()))
-        before.append(shape)
-        if kind in ("view", "reshape"):
-            shape = _START if arg == "input" else list(arg)
-        elif kind in ("transpose", "permute"):
-            moved = [shape[d] for d in _permutation(kind, arg, len(shape))] if isinstance(shape, list) else None
-            shape = moved if moved is None or REST not in moved[:-1] else None  # ``...`` stays last
-        elif kind in ("split", "repeat", "take_one"):
-            shape = _START
-        else:
-            return f"uses {kind!r}, which has no inverse in the rule language yet"
+        after = OPS[kind].follow(arg, at)
+        if after is None:
+            return f"uses {kind!r} (ops/{i}), which has no inverse in the rule language yet"
+        seen.append(at)
+        at = Shapes(after, after[0] if len(after) != len(at.current) else at.start)
+    back = Shapes(at.current, at.current[0])  # backward, ``input`` first names the backward's own input
     inverse: list[dict[str, Any]] = []
-    for op, shape in reversed(list(zip(ops, before, strict=True))):
-        kind, arg = next(iter(op.items()))
-        if kind == "split":
-            inverse.append({"concat": {"dim": arg["dim"]}})
-        elif kind in ("repeat", "take_one"):  # copies of one tensor <-> one of equal copies
-            inverse.append({"take_one" if kind == "repeat" else "repeat": arg})
-        elif kind in ("view", "reshape"):
-            if shape is None:
-                return f"uses {kind!r} after a transpose of its run's first shape, whose dims the rule does not name"
-            inverse.append({"reshape": shape})
-        elif kind == "transpose":
-            inverse.append({"transpose": list(arg)})
-        else:
-            order = list(arg)
-            inverse.append({"permute": [order.index(i) for i in range(len(order))]})
+    for i in reversed(range(len(ops))):
+        kind, arg = next(iter(ops[i].items()))
+        undone = OPS[kind].undo(arg, seen[i], back)
+        if isinstance(undone, str):
+            return f"has {kind} (ops/{i}) that {undone}"
+        inverse.append(undone)
+        made = seen[i].current
+        back = Shapes(made, made[0] if len(made) != len(back.current) else back.start)
     return inverse
 
 
@@ -133,11 +120,10 @@ def _step(raw: dict[str, Any], problem: Callable[[str], None]) -> dict[str, Any]
     if kind == "rename":
         pinned = None
         if "when" in raw:
-            m = _PIN.match(str(raw["when"]))
-            if m is None or any("{" + m.group(1) not in str(frm) for frm in body):
+            pinned = _pinned(str(raw["when"]))
+            if pinned is None or any("{" + pinned[0] not in str(frm) for frm in body):
                 problem("applies only `when` a condition holds that pins no placeholder (write `i == EXPR`)")
                 return None
-            pinned = (m.group(1), m.group(2))
         return {**head, "rename": dict(_backward(str(frm), str(to), pinned) for frm, to in body.items())}
     if "when" in body:
         problem("applies only `when` a condition holds, which the backward direction cannot tell")
@@ -149,7 +135,7 @@ def _step(raw: dict[str, Any], problem: Callable[[str], None]) -> dict[str, Any]
     if body.get("absent"):
         problem("stands zeros in for absent inputs, which the backward direction would write as tensors")
         return None
-    ops = _inverse_ops(body["ops"])
+    ops = inverse_ops(body["ops"], len(froms))
     if isinstance(ops, str):
         problem(ops)
         return None

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from phi_rules.dtypes import FLOAT_DTYPES, itemsize
 from phi_rules.errors import Diagnostic
 from phi_rules.language import expr, ops, regex, template
-from phi_rules.language.rules import Drop, Rename, Rules, Step, Transform
+from phi_rules.language.rules import Rules
+from phi_rules.language.steps import Drop, Rename, Step, Transform
 from phi_rules.source.header import TensorInfo
 
 SHOW = 20  # at most this many keys named per problem class; the rest are counted

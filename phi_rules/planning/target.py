@@ -5,6 +5,8 @@ against the architecture's real parameter set built on the ``meta`` device (no m
 from __future__ import annotations
 
 import inspect
+import re
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
-from phi_rules.language.rules import Where
+from phi_rules.language.checker import Where
 from phi_rules.planning.planner import SHOW, Plan
 
 ROPE_KEYS = ("partial_rotary_factor", "rope_theta")  # keyword arguments that land in rope_parameters
@@ -52,6 +54,13 @@ def _known_fields(config_cls: Any) -> set[str]:
     return known
 
 
+def _read_by_model(model_cls: Any) -> set[str]:
+    """Fields the modeling code reads where its config class declares none (Phi3's ``head_dim``): the config
+    keeps them, and the model computes with them."""
+    source = inspect.getsource(sys.modules[model_cls.__module__])
+    return set(re.findall(r'getattr\(config, "(\w+)"', source))
+
+
 def where(plan: Plan, key: str) -> Where:
     """Where a config value was written (a --set or copied value: the target section)."""
     w = plan.rules.target.config_where.get(key)
@@ -77,9 +86,10 @@ def build_config(plan: Plan, dtype: str | None) -> Any:
         values = {k: v for k, v in plan.config.items() if v is not None}
         dtype_field = {"torch_dtype": dtype} if dtype else {}
         return {**values, "architectures": [plan.rules.target.architecture], **dtype_field}
-    cls = model_class(plan.rules.target.architecture).config_class
+    model_cls = model_class(plan.rules.target.architecture)
+    cls = model_cls.config_class
     w = plan.rules.where_target
-    known = _known_fields(cls)
+    known = _known_fields(cls) | _read_by_model(model_cls)
     unknown = sorted(set(plan.config) - known)
     fields = known | set(plan.rules.source.config_defaults)
     if unknown:
@@ -155,7 +165,8 @@ def _attribute(model: Any, path: str) -> Any:
     """``model.layers.0.self_attn.rotary_ndims``: attributes, and list indices where a part is a number."""
     found = model
     for part in path.split("."):
-        found = found[int(part)] if part.isdigit() else getattr(found, part, None)
+        index = int(part) if part.isdigit() else None  # a model with fewer layers than the path names: none
+        found = getattr(found, part, None) if index is None else found[index] if index < len(found) else None
         if found is None:
             return None
     return found

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from phi_rules.errors import PhiRulesError
+from phi_rules.language.expr import unfit
 from phi_rules.language.rules import FileSpec, Rules
 from phi_rules.options import SourceOptions
 from phi_rules.source.checkpoint import Checkpoint
@@ -76,10 +77,13 @@ class ResolvedSource:
 def _json_object(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8, more digits than Python reads
         raise PhiRulesError(f"{path}: cannot read the {what} config: {exc}") from None
     if not isinstance(data, dict):
         raise PhiRulesError(f"{path}: the {what} config is not a JSON object")
+    why = unfit(data)
+    if why is not None:
+        raise PhiRulesError(f"{path}: {why}")
     return data
 
 
