@@ -220,6 +220,17 @@ def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     return [chosen(args.source, _detected(args), getattr(args, "to", None))]
 
 
+def _writing(rules: list[Rules], to: str | None) -> list[Rules]:
+    """Named rules beside ``--to``: each must write that target; a rule writes what it says, never another."""
+    for r in rules:
+        if to is not None and to not in r.target.names:
+            raise PhiRulesError(
+                f"--to {to}: rule {r.name} ({r.display}) writes {' / '.join(r.target.names)}, not {to}; name the "
+                f"rule that writes {to}, or leave the rule out and --to picks it"
+            )
+    return rules
+
+
 def _detected(args: argparse.Namespace) -> list[Any]:
     """Every candidate's verdict on --source."""
     from phi_rules.detect import detect
@@ -233,7 +244,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
     show.quiet_libraries()
     if args.rules:
-        (rules,) = _rules_for(args, [args.rules])
+        (rules,) = _writing(_rules_for(args, [args.rules]), args.to)
     else:
         from phi_rules.detect import route
 
@@ -276,7 +287,7 @@ def apply_command(args: argparse.Namespace) -> int:
     if args.quiet:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if args.rules:  # several rule files: one folder each
-        named = _rules_for(args, args.rules)
+        named = _writing(_rules_for(args, args.rules), args.to)
         runs = [([r], args.out if len(named) == 1 else args.out / r.name) for r in named]
     else:
         from phi_rules.detect import route
