@@ -310,7 +310,7 @@ def apply_command(args: argparse.Namespace) -> int:
             print(f"{out}: {what}, {len(result.tensors)} tensors, {show.human(result.total_bytes)}", file=sys.stderr)
         if result.adapter_config is not None and not result.adapter_config.get("base_model_name_or_path"):
             show.warn(
-                f"{out}: adapter_config.json names no base model (the source's is one this adapter no longer "
-                "fits): --set base_model_name_or_path=CONVERTED_BASE names the converted base"
+                f"{out}: adapter_config.json names no base model (the converted adapter fits only the converted "
+                "base): --set base_model_name_or_path=CONVERTED_BASE names it"
             )
     return 0

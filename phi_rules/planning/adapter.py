@@ -97,9 +97,9 @@ def _layers(config: dict[str, Any], spec: AdapterSpec, problems: list[str]) -> N
                 spec.layers_pattern[pattern] if isinstance(pattern, str) else [spec.layers_pattern[n] for n in names]
             )
     indices = config.get("layers_to_transform")
-    listed = [indices] if isinstance(indices, int) else indices
     if indices is None or not spec.layer_shift:
         return
+    listed = [indices] if isinstance(indices, int) else indices
     if not isinstance(listed, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
         problems.append(f"layers_to_transform: expected a layer index or a list of them, not {indices!r}")
         return
