@@ -157,3 +157,44 @@ def test_a_remembered_check_is_only_used_for_the_same_plan(source: Path, tmp_pat
     for entry in (cache / "checked").iterdir():
         entry.write_text("{broken")
     assert _apply_in_child(source, tmp_path / "c", cache)[1] == "True"  # an unreadable entry: checked again
+
+
+def test_a_remembered_check_still_refuses_what_the_model_would_use_otherwise(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same rule, outputs and config, another meaning: head_dim 10, rotary_dim 4 gives partial_rotary_factor 0.4;
+    a rotary_dim 6 source given --set partial_rotary_factor=0.4 plans the same config, but the model would rotate
+    4 dimensions where the source rotates 6. Refused with no cache, and after a remembered run alike."""
+    four, six = (MsftConfig(vocab_size=96, n_embd=40, n_head=4, rotary_dim=r) for r in (4, 6))
+    src4 = write_checkpoint(tmp_path / "src4", random_state(four, seed=1), four)
+    src6 = write_checkpoint(tmp_path / "src6", random_state(six, seed=2), six)
+    wrong = ("apply", PHI2, "--source", src6, "--set", "partial_rotary_factor=0.4", "--quiet", "--out")
+    for cache in ("", str(tmp_path / "cache")):
+        monkeypatch.setenv("PHI_RULES_CACHE", cache)
+        assert cli("apply", PHI2, "--source", src4, "--out", tmp_path / f"a{bool(cache)}", "--quiet")[0] == 0
+        code, _, err = cli(*wrong, tmp_path / f"b{bool(cache)}")
+        assert code == 1 and "would use model.layers.0.self_attn.rotary_ndims = 4 where the source means 6" in err
+        assert not (tmp_path / f"b{bool(cache)}").exists()
+
+
+def test_the_remembered_key_holds_everything_the_check_compares(source: Path) -> None:
+    """The direction, the rule's text, the values target.uses compares, the config, the outputs, the dtype:
+    a change in any of them is another check."""
+    from dataclasses import replace
+
+    from phi_rules.planning import remembered
+
+    options = phi_rules.Options(source=phi_rules.SourceOptions(source=source))
+    plan = phi_rules.plan(phi_rules.load_rules(PHI2), options)
+    first = remembered.key(plan, "float16")
+    assert first is not None and first == remembered.key(plan, "float16")
+    tensors = [replace(plan.tensors[0], shape=(1, *plan.tensors[0].shape)), *plan.tensors[1:]]
+    others = [
+        replace(plan, rules=replace(plan.rules, backward=True)),
+        replace(plan, rules=replace(plan.rules, sha256="0" * 64)),
+        replace(plan, uses={name: 2 * value for name, value in plan.uses.items()}),  # type: ignore[operator]
+        replace(plan, config={**plan.config, "partial_rotary_factor": 0.25}),
+        replace(plan, tensors=tensors),
+    ]
+    assert plan.uses and len({first, *(remembered.key(p, "float16") for p in others)}) == 1 + len(others)
+    assert remembered.key(plan, "bfloat16") != first

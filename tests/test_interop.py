@@ -3,13 +3,18 @@
 Other readers get their own interpreter: transformers 4.57 (the last 4.x) from a virtualenv named by
 PHI_RULES_TF4_PYTHON, and llama.cpp's own convert_hf_to_gguf.py from the folder named by
 PHI_RULES_LLAMA_CPP (the llama-cpp-python source distribution carries it with its gguf-py).
-`.ci/run` prepares both; without them these tests skip, except under CI where that is a failure.
+`.ci/run` prepares both. Where no variable names them, the tests look for them where they are installed: an
+interpreter on PATH whose transformers is 4.57 or later 4.x, and convert_hf_to_gguf.py on PATH with its
+gguf-py beside it. They skip only where neither is found, and under CI that is a failure.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +32,44 @@ TINY_RULE = ROOT / "rules" / "examples" / "tiny-phi-2.yaml"
 PHI2_SHAPED = MsftConfig(vocab_size=80, n_embd=160, n_layer=2, n_head=2, rotary_dim=32)  # head_dim 80: factor 0.4
 
 
+@functools.cache
+def _transformers_4() -> Path | None:
+    """An interpreter on PATH whose transformers (with torch) is 4.57 or a later 4.x."""
+    seen: set[Path] = set()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        for python in sorted(Path(folder).glob("python*")) if Path(folder).is_dir() else []:
+            real = python.resolve()
+            if not re.fullmatch(r"python(3(\.\d+)?)?", python.name) or real in seen or not os.access(real, os.X_OK):
+                continue
+            seen.add(real)
+            ask = "import torch, transformers; print(transformers.__version__)"
+            try:
+                run = subprocess.run([str(python), "-c", ask], capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            version = re.match(r"4\.(\d+)", run.stdout.strip()) if run.returncode == 0 else None
+            if version and int(version.group(1)) >= 57:
+                return python
+    return None
+
+
+def _llama_cpp() -> Path | None:
+    """llama.cpp's folder: convert_hf_to_gguf.py on PATH, with its gguf-py beside it."""
+    script = shutil.which("convert_hf_to_gguf.py")
+    folder = Path(script).resolve().parent if script else None
+    return folder if folder is not None and (folder / "gguf-py").is_dir() else None
+
+
+INSTALLED = {"PHI_RULES_TF4_PYTHON": _transformers_4, "PHI_RULES_LLAMA_CPP": _llama_cpp}
+
+
 def _tool(variable: str, what: str) -> Path:
     value = os.environ.get(variable)
     if value:
         return Path(value)
+    found = INSTALLED[variable]()
+    if found is not None:
+        return found
     if os.environ.get("CI"):
         pytest.fail(f"{variable} is not set: .ci/run prepares {what}")
     pytest.skip(f"set {variable} to run this ({what}; see .ci/run)")

@@ -205,6 +205,22 @@ def test_phi_msft_round_trips_bit_for_bit(cli, tmp_path: Path, cfg: MsftConfig) 
     )
 
 
+def test_to_phi_msft_keeps_the_source_auto_map(cli, tmp_path: Path) -> None:
+    """The remote-code layout loads through config.json's auto_map (trust_remote_code): where the source names
+    the remote code's classes, --to phi-msft keeps them; where it names none, none is written."""
+    src = msft(tmp_path / "src", random_state(HEAD80, torch.float16, seed=26), HEAD80, "safetensors", 1)
+    assert cli("apply", "--source", src, "--out", tmp_path / "today", "--quiet")[0] == 0
+    auto_map = {"AutoConfig": "configuration_phi.PhiConfig", "AutoModelForCausalLM": "modeling_phi.PhiForCausalLM"}
+    for given in (None, auto_map):
+        config = json.loads((tmp_path / "today" / "config.json").read_text())
+        (tmp_path / "today" / "config.json").write_text(json.dumps({**config, "auto_map": given}))
+        out = tmp_path / f"back-{given is not None}"
+        code, _, err = cli("apply", "--source", tmp_path / "today", "--to", "phi-msft", "--out", out, "--quiet")
+        assert code == 0, err
+        back = json.loads((out / "config.json").read_text())
+        assert back.get("auto_map", "absent") == (given or "absent") and back["model_type"] == "phi-msft"
+
+
 def test_mixformer_round_trips_bit_for_bit(cli, tmp_path: Path) -> None:
     """MixFormer-sequential -> today -> MixFormer-sequential (phi-to-mixformer-sequential): blocks shift back up by
     one, and the head returns to layers.N+1 (the backward of `when: i == num_hidden_layers + 1`)."""

@@ -176,8 +176,9 @@ def test_detect_lists_every_target_and_why_not(cli: Cli, tmp_path: Path) -> None
     assert rows["phi3-to-mistral"].split()[3] == "yes"
     assert rows["phi3-to-llama"].split()[3] == "no" and "sliding window" in rows["phi3-to-llama"]
     assert "--to mistral" in out.splitlines()[-1]
-    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out")
-    assert code == 0 or "pick one with --to" in err  # one target fits here: mistral
+    code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err  # one target fits here, and no --to is needed for it: mistral
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
 
 
 def test_several_targets_ask_for_to(cli: Cli, tmp_path: Path) -> None:
@@ -187,6 +188,24 @@ def test_several_targets_ask_for_to(cli: Cli, tmp_path: Path) -> None:
     code, _, err = cli("apply", "--source", src, "--out", tmp_path / "out", "--to", "lama")
     assert code == 1 and "did you mean 'llama'" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_to_beside_a_named_rule_is_used_or_refused(cli: Cli, tmp_path: Path) -> None:
+    """A named rule writes its own target: --to that names it is used, any other is refused in one line."""
+    src = save(phi3_model(FAMILY["phi-4"]), tmp_path / "src")
+    for command, rule, to in (
+        ("apply", LLAMA_RULE, "mistral"),
+        ("plan", LLAMA_RULE, "mistral"),
+        ("apply", "phi3-to-llama", "phi-msft"),
+    ):
+        out = ("--out", tmp_path / "out") if command == "apply" else ()
+        code, stdout, err = cli(command, rule, "--source", src, "--to", to, *out)
+        assert code == 1 and stdout == "" and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: --to {to}: rule phi3-to-llama (") and "writes llama, not" in err, err
+        assert not (tmp_path / "out").exists()
+    code, _, err = cli("apply", LLAMA_RULE, "--source", src, "--to", "llama", "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
 @pytest.mark.parametrize("target", ["llama", "mistral"])  # every shipped rule that runs backward

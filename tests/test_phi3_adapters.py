@@ -243,3 +243,51 @@ def test_verify_catches_swapped_blocks(cli: Cli, tmp_path: Path) -> None:
     verify = ["verify", "--source", tmp_path / "adapter", tmp_path / "llama-adapter"]
     code, _, err = cli(*verify, "--base", tmp_path / "base", tmp_path / "llama-base")
     assert code == 1 and "layer 1 diverges" in err, err
+
+
+def test_a_converted_adapter_never_loads_onto_the_model_it_left(cli: Cli, tmp_path: Path) -> None:
+    """PEFT writes the base's folder into adapter_config.json; the converted adapter does not fit that model
+    (AutoPeftModelForCausalLM would load Phi3 and attach the few names that exist there). So it names no base
+    and says how to name one, or names the converted base that --set gives, and then loads there exactly."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from phi_rules.planning.adapter import NAMES_THE_BASE
+
+    base_model("phi3").save_pretrained(tmp_path / "base")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    torch.manual_seed(3)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PHI3_ALL, init_lora_weights=False, task_type="CAUSAL_LM")
+    adapted = peft.get_peft_model(loaded, lora).eval()
+    adapted.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = adapted(IDS).logits
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tmp_path / "base"
+    )  # as PEFT writes it, and AutoPeftModelForCausalLM reads it
+    llama = tmp_path / "llama-base"
+    assert cli("apply", "--source", tmp_path / "base", "--to", "llama", "--out", llama, "--quiet")[0] == 0
+
+    code, _, err = cli(
+        "apply", "--source", tmp_path / "adapter", "--to", "llama", "--out", tmp_path / "plain", "--quiet"
+    )
+    assert code == 0, err
+    (said,) = err.splitlines()
+    assert said.startswith(f"warning: {tmp_path / 'plain'}: adapter_config.json names no base model")
+    assert "--set base_model_name_or_path=" in said
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert [config[k] for k in NAMES_THE_BASE] == [None] * len(NAMES_THE_BASE)
+    assert peft.PeftConfig.from_pretrained(tmp_path / "plain").base_model_name_or_path is None  # no model to load
+
+    named = tmp_path / "named"
+    code, _, err = cli(
+        "apply", "--source", tmp_path / "adapter", "--to", "llama", "--out", named, "--quiet",
+        "--set", f"base_model_name_or_path={llama}",
+    )  # fmt: skip
+    assert code == 0 and err == "", err
+    auto = AutoPeftModelForCausalLM.from_pretrained(named, dtype=torch.float32).eval()
+    assert type(auto.get_base_model()).__name__ == "LlamaForCausalLM"
+    written = load_file(named / "adapter_model.safetensors")
+    assert sorted(peft.get_peft_model_state_dict(auto)) == sorted(written)
+    with torch.no_grad():
+        assert (auto(IDS).logits - expected).abs().max().item() <= 1e-5

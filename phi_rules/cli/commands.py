@@ -233,6 +233,17 @@ def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     return [f.rules for f in _route(args, one=True)]
 
 
+def _writing(rules: list[Rules], to: str | None) -> list[Rules]:
+    """Named rules beside ``--to``: each must write that target; a rule writes what it says, never another."""
+    for r in rules:
+        if to is not None and to not in r.target.names:
+            raise PhiRulesError(
+                f"--to {to}: rule {r.name} ({r.display}) writes {' / '.join(r.target.names)}, not {to}; name the "
+                f"rule that writes {to}, or leave the rule out and --to picks it"
+            )
+    return rules
+
+
 def _route(args: argparse.Namespace, one: bool = False) -> list[Any]:
     """Detection, once: the verdict (a ``Fit``) of each rule to run on --source, in order (one, or two in a row
     where no rule writes --to from this layout); ``one``: the one rule that writes --to."""
@@ -249,7 +260,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
     show.quiet_libraries()
     if args.rules:
-        (rules,) = _rules_for(args, [args.rules])
+        (rules,) = _writing(_rules_for(args, [args.rules]), args.to)
     else:
         chain = [f.rules for f in _route(args)]
         if len(chain) > 1:
@@ -293,7 +304,7 @@ def apply_command(args: argparse.Namespace) -> int:
     options = _options(args)
     found = None  # what detection read and planned of the source, where the conversion would do the same
     if args.rules:  # several rule files: one folder each
-        named = _rules_for(args, args.rules)
+        named = _writing(_rules_for(args, args.rules), args.to)
         runs = [([r], args.out if len(named) == 1 else args.out / r.name) for r in named]
     else:
         fits = _route(args)
@@ -320,4 +331,9 @@ def apply_command(args: argparse.Namespace) -> int:
             last = chain[-1].target
             what = last.architecture if len(chain) == 1 else last.layout  # a route ends in a layout
             print(f"{out}: {what}, {len(result.tensors)} tensors, {show.human(result.total_bytes)}", file=sys.stderr)
+        if result.adapter_config is not None and not result.adapter_config.get("base_model_name_or_path"):
+            show.warn(
+                f"{out}: adapter_config.json names no base model (the converted adapter fits only the converted "
+                "base): --set base_model_name_or_path=CONVERTED_BASE names it"
+            )
     return 0

@@ -165,8 +165,8 @@ def _fused(data: dict[str, Any]) -> bool:
 
 def _adapter(target: dict[str, Any]) -> dict[str, Any] | None:
     """The backward ``target.adapter``: each module name maps back to the one it came from (q_proj, k_proj and
-    v_proj to Wqkv), path pieces swap; what the backward may be asked to set stays. ``layers_pattern`` is
-    left as the adapter has it."""
+    v_proj to Wqkv), path pieces and ``layers_pattern`` names swap, the layer shift is undone; what the backward
+    may be asked to set stays."""
     spec = target.get("adapter")
     if not isinstance(spec, dict):
         return None
@@ -177,7 +177,10 @@ def _adapter(target: dict[str, Any]) -> dict[str, Any] | None:
             if old not in back:
                 back.append(old)
     paths = {new: old for old, new in (spec.get("paths") or {}).items()}
-    return {"modules": modules, "paths": paths, **({"settable": spec["settable"]} if "settable" in spec else {})}
+    layers = {new: old for old, new in (spec.get("layers_pattern") or {}).items()}
+    shift = {"layer_shift": -spec["layer_shift"]} if isinstance(spec.get("layer_shift"), int) else {}
+    kept = {"settable": spec["settable"]} if "settable" in spec else {}
+    return {"modules": modules, "paths": paths, "layers_pattern": layers, **shift, **kept}
 
 
 def one_way(data: dict[str, Any]) -> str | None:

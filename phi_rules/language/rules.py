@@ -43,9 +43,10 @@ class AdapterSpec:
 
     modules: Mapping[str, tuple[str, ...]]
     paths: Mapping[str, str]  # literal pieces of regex target_modules, e.g. 'transformer\.h' -> 'model\.layers'
-    layers_pattern: str | None
+    layers_pattern: Mapping[str, str]  # PEFT's layers_pattern, source name -> target name ('h' -> 'layers')
     settable: tuple[str, ...]
     fused: Mapping[str, int] = field(default_factory=dict)  # fused target module -> how many parts it joins
+    layer_shift: int = 0  # added to each layers_to_transform index (MixFormer's blocks are layers.1..N: -1)
 
 
 @dataclass(frozen=True)
@@ -183,9 +184,10 @@ def _adapter_spec(raw: dict[str, Any] | None) -> AdapterSpec | None:
     return AdapterSpec(
         {k: tuple(v) for k, v in raw.get("modules", {}).items()},
         dict(raw.get("paths", {})),
-        raw.get("layers_pattern"),
+        {str(k): str(v) for k, v in raw.get("layers_pattern", {}).items()},
         tuple(raw.get("settable", ())),
         {str(k): int(v) for k, v in raw.get("fused", {}).items()},
+        int(raw.get("layer_shift", 0)),
     )
 
 

@@ -1,11 +1,13 @@
 """A target check remembered, so that a conversion of a shape seen before imports neither transformers nor torch.
 
-What the check proves (the config builds, the class's parameters are the plan's names and shapes) and the
-config files it writes depend only on the rule, the planned outputs and config, the output dtype, the
-transformers version and phi-rules' own checking code. Once a check has passed, the files it wrote are
-kept under that key beside the remembered digests (``PHI_RULES_CACHE``); a conversion with the same key
-writes them again byte for byte instead of importing transformers (2-3 s of a core). A plan with any
-problem never gets here: only passed checks are remembered.
+What the check proves (the config builds, the class's parameters are the plan's names and shapes, the
+model uses the values ``target.uses`` says the source means) and the config files it writes depend only on
+the rule (its text with its bases, and its direction), the planned outputs and config, the values
+``target.uses`` compares, the output dtype, the transformers version and phi-rules' own checking code: the
+key holds each of them, so that a plan that differs in any of them is checked again. Once a check has
+passed, the files it wrote are kept under that key beside the remembered digests (``PHI_RULES_CACHE``); a
+conversion with the same key writes them again byte for byte instead of importing transformers (2-3 s of a
+core). A plan with any problem never gets here: only passed checks are remembered.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def key(plan: Plan, dtype: str | None) -> str | None:
         "rule": plan.rules.sha256,
         "backward": plan.rules.backward,
         "config": plan.config,
+        "uses": plan.uses,  # what the model must compute with: the same config may mean another rotary size
         "dtype": dtype,
         "tensors": [(t.name, list(t.shape), t.dtype) for t in plan.tensors],
         "versions": versions,
