@@ -19,6 +19,7 @@ import jsonschema
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language import expr, ops, regex, reverse, shortform, template
+from phi_rules.language.config_fields import config_fields
 from phi_rules.language.document import SCHEMA_PATH, LoadError, load_document, rule_path, shipped_reverse_names
 from phi_rules.language.located_yaml import Located
 from phi_rules.language.ops import Op
@@ -362,6 +363,8 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         if key in raw["config"]:
             c.error(("target", "copy", i), f"{key!r} is both copied and computed in target.config: keep one")
     remote = bool(raw.get("remote_code", False))
+    if not remote:
+        _check_config_fields(c, str(raw["architecture"]), [*raw["config"]], copy)
     return Target(
         raw["architecture"],
         raw.get("check", True) and not remote,  # no class to check against
@@ -377,6 +380,21 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
         {k: c.where(("target", "uses", k)) for k in raw.get("uses", {})},
         remote,
     )
+
+
+def _check_config_fields(c: _Checker, architecture: str, config: list[str], copy: tuple[str, ...]) -> None:
+    """Every ``target.config`` and ``copy`` key is a field of the target's config class (from the committed table:
+    no torch), as ``plan`` finds with the class itself."""
+    found = config_fields(architecture)
+    if found is None:
+        return
+    cls, known = found
+    for path, key in [
+        *((("target", "config", k), k) for k in config),
+        *((("target", "copy", i), k) for i, k in enumerate(copy)),
+    ]:
+        if key not in known:
+            c.error(path, f"{cls} has no field {key!r}{did_you_mean(key, known)}", key=path[1] == "config")
 
 
 def _adapter_spec(raw: dict[str, Any] | None) -> AdapterSpec | None:

@@ -1,0 +1,50 @@
+"""Regenerate phi_rules/language/config_fields.json, the fields of every causal-LM config class of the installed
+transformers (run from the repo root): ``validate`` checks a rule's ``target.config`` keys against it without
+importing transformers or torch. A test regenerates it and compares, so the committed table is this script's
+output for the transformers that CI installs.
+
+Each architecture maps to its config class' name and the fields that class knows beyond those every config
+class knows (``common``), as the target check at ``plan`` time reads them (``_known_fields``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from transformers.models.auto import configuration_auto, modeling_auto
+from transformers.utils import logging as transformers_logging
+
+from phi_rules.planning.target import _known_fields
+
+TABLE = Path(__file__).resolve().parent.parent / "phi_rules" / "language" / "config_fields.json"
+
+
+def table() -> str:
+    """The table's text: one line per architecture, sorted, so that a new transformers shows as a small diff."""
+    transformers_logging.set_verbosity_error()  # default configs whose token ids fall outside their vocabulary
+    found: dict[str, tuple[str, set[str]]] = {}
+    for model_type, classes in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        name = configuration_auto.CONFIG_MAPPING_NAMES.get(model_type)
+        module = f"transformers.models.{configuration_auto.model_type_to_module_name(model_type)}"
+        try:
+            cls = getattr(importlib.import_module(module), str(name))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fields = _known_fields(cls)
+        except Exception:  # a config class that cannot build its own defaults: plan checks it alone
+            continue
+        for architecture in classes if isinstance(classes, list | tuple) else (classes,):
+            found[architecture] = (str(name), fields)
+    common = set.intersection(*(f for _, f in found.values()))
+    lines = [f"    {json.dumps(a)}: {json.dumps([name, sorted(f - common)])}" for a, (name, f) in sorted(found.items())]
+    return (
+        "{\n" + f'  "common": {json.dumps(sorted(common))},\n  "architectures": {{\n' + ",\n".join(lines) + "\n  }\n}\n"
+    )
+
+
+if __name__ == "__main__":
+    (Path(sys.argv[1]) if len(sys.argv) > 1 else TABLE).write_text(table())
