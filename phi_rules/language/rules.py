@@ -389,10 +389,9 @@ def _check_config_fields(c: _Checker, architecture: str, config: list[str], copy
     if found is None:
         return
     cls, known = found
-    for path, key in [
-        *((("target", "config", k), k) for k in config),
-        *((("target", "copy", i), k) for i, k in enumerate(copy)),
-    ]:
+    keys: list[tuple[YPath, str]] = [(("target", "config", k), k) for k in config]
+    keys += [(("target", "copy", i), k) for i, k in enumerate(copy)]
+    for path, key in keys:
         if key not in known:
             c.error(path, f"{cls} has no field {key!r}{did_you_mean(key, known)}", key=path[1] == "config")
 
