@@ -65,7 +65,7 @@ def candidates(extra: Sequence[Path] = ()) -> list[Rules]:
 def _verdict(rules: Rules, plan: Plan) -> Fit:
     """Why a rule does not fit (its names first: a refusal of a rule for another layout says little), and the
     refusal that holds, if any."""
-    refusal = next((p.message for p in plan.problems if p.code == "refused"), "")
+    refusal = next((p.message for p in plan.problems if p.code in ("refused", "accept", "set")), "")
     if plan.unconsumed:
         unconsumed = f"{len(plan.unconsumed)} source tensor(s) no step consumes, first: {plan.unconsumed[0]}"
         return Fit(rules, unconsumed, refusal, names_fit=False)
@@ -84,7 +84,8 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
             if key not in read:
                 read[key] = source_tensors(rules, options.source, lambda _: None)
             tensors, resolved = read[key]
-            plan = make_plan(rules, tensors, resolved.config(), options.overrides, base=resolved.base())
+            plan = make_plan(rules, tensors, resolved.config(), base=resolved.base())
+            plan = _lifted(rules, plan, tensors, resolved, options)
         except PhiRulesError as exc:
             fits.append(Fit(rules, exc.diagnostics[0].message))
             continue
@@ -93,6 +94,18 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
         reason = fits[0].reason if fits else "none given"
         raise PhiRulesError(reason if reason.startswith(str(source)) else f"{source}: cannot be read: {reason}")
     return fits
+
+
+def _lifted(
+    rules: Rules, plan: Plan, tensors: dict[str, TensorInfo], resolved: ResolvedSource, options: Options
+) -> Plan:
+    """A rule whose names fit and that only a refusal stops, planned again with what the user said of the source
+    (``--set`` on its source fields, ``--accept``): what may lift the refusal, or say why it does not."""
+    given = {k: v for k, v in options.overrides.items() if k in rules.source.config_defaults}
+    refused = plan.problems and all(p.code == "refused" for p in plan.problems)
+    if not refused or plan.unconsumed or not (given or options.accept):
+        return plan
+    return make_plan(rules, tensors, resolved.config(), given, base=resolved.base(), accept=options.accept)
 
 
 def _for_target(source: object, fits: list[Fit], to: str) -> list[Fit]:

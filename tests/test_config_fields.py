@@ -29,7 +29,7 @@ def test_a_typo_in_target_config_fails_validate_at_its_line(cli, tmp_path: Path)
     rule.write_text(TYPO)
     code, out, _ = cli("validate", rule)
     assert code == 1
-    assert f"{rule}:6:5: target/config/num_key_value_head: LlamaConfig has no field 'num_key_value_head'" in out
+    assert f"{rule}:6:25: target/config/num_key_value_head: LlamaConfig has no field 'num_key_value_head'" in out
     assert "did you mean 'num_key_value_heads'?" in out
 
 

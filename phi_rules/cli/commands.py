@@ -114,7 +114,13 @@ def _options(args: argparse.Namespace) -> Options:
             "require_tokenizer": args.require_tokenizer,
             "verify": args.verify,
         }
-    return Options(source=src, overrides=dict(getattr(args, "set", [])), dtype=getattr(args, "dtype", None), **extra)
+    return Options(
+        source=src,
+        overrides=dict(getattr(args, "set", [])),
+        accept=tuple(getattr(args, "accept", [])),
+        dtype=getattr(args, "dtype", None),
+        **extra,
+    )
 
 
 def detect_command(args: argparse.Namespace) -> int:
@@ -183,7 +189,7 @@ def _written_type(folder: Path) -> str | None:
 
 def verify_command(args: argparse.Namespace) -> int:
     from phi_rules.source.resolve import resolve
-    from phi_rules.verify import failure, layer_rows, verify
+    from phi_rules.verify import accepted_up_to, failure, layer_rows, verify
 
     show.quiet_libraries()
     adapters, shown = None, args.out
@@ -191,10 +197,12 @@ def verify_command(args: argparse.Namespace) -> int:
         adapters = (args.source, args.out)
         args.source, args.out = args.base
     args.to = _written_type(args.out)  # among the rules that read the source, the one that wrote this output
+    accepted = accepted_up_to(args.out)  # made with a refusal accepted: proven up to the length it leaves exact
+    max_length, args.accept = accepted or (None, [])
     (rules,) = _rules_for(args, [args.rules] if args.rules else [])
     options = _options(args)
     resolved = resolve(rules, options.source)
-    report = verify(resolved.weights, rules.layout, resolved.config(), args.out, args.tol, adapters)
+    report = verify(resolved.weights, rules.layout, resolved.config(), args.out, args.tol, adapters, max_length)
     if args.json:
         print(json.dumps({"rule": rules.name, **report.to_json()}, indent=2))
     else:
@@ -206,7 +214,11 @@ def verify_command(args: argparse.Namespace) -> int:
         show.diagnostics(problem.diagnostics)
         return 1
     if not args.json:
-        print(f"{shown}: computes the original function ({rules.layout} reference, {len(layer_rows(report))} parts)")
+        within = (
+            f" for inputs up to {accepted[0]} tokens, as --accept {', '.join(accepted[1])} left it" if accepted else ""
+        )
+        parts = f"({rules.layout} reference, {len(layer_rows(report))} parts)"
+        print(f"{shown}: computes the original function{within} {parts}")
     return 0
 
 
@@ -224,8 +236,9 @@ def _detected(args: argparse.Namespace) -> list[Any]:
     """Every candidate's verdict on --source."""
     from phi_rules.detect import detect
 
-    found = _options(args)  # the layout is the source's own: --set shapes the plan, --tokenizer the output
-    return detect(args.source, replace(found, overrides={}, source=replace(found.source, tokenizer=None)))
+    found = _options(args)  # the layout is the source's own (--set and --accept only lift a refusal of a rule that
+    # fits it); --tokenizer shapes the output
+    return detect(args.source, replace(found, source=replace(found.source, tokenizer=None)))
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -293,6 +306,9 @@ def apply_command(args: argparse.Namespace) -> int:
         result = pipeline.convert_through(
             chain, out, options, note=show.note(args.quiet), warn=show.warn, progress=show.progress_factory(args.quiet)
         )
+        idle = [a for a in options.accept if a not in {x.name for x in result.accepted}]
+        if idle:  # a refusal named that does not hold for this source: nothing was accepted
+            show.note(args.quiet)(f"--accept {', '.join(idle)}: the refusal does not hold for this source")
         if not args.quiet:
             last = chain[-1].target
             what = last.architecture if len(chain) == 1 else last.layout  # a route ends in a layout

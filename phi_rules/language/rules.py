@@ -139,6 +139,9 @@ class Refusal:
     when: expr.Node
     reason: str
     where: Where
+    name: str = ""  # what ``--accept NAME`` says to convert anyway
+    exact_up_to: expr.Node | None = None  # ``accept``: up to how many tokens the output still computes the source's
+    differs: str = ""  # and what it computes otherwise past them; a refusal without ``accept`` cannot be accepted
 
 
 @dataclass(frozen=True)
@@ -393,7 +396,7 @@ def _check_config_fields(c: _Checker, architecture: str, config: list[str], copy
     keys += [(("target", "copy", i), k) for i, k in enumerate(copy)]
     for path, key in keys:
         if key not in known:
-            c.error(path, f"{cls} has no field {key!r}{did_you_mean(key, known)}", key=path[1] == "config")
+            c.error(path, f"{cls} has no field {key!r}{did_you_mean(key, known)}")
 
 
 def _adapter_spec(raw: dict[str, Any] | None) -> AdapterSpec | None:
@@ -637,7 +640,15 @@ def _build_refusals(c: _Checker, data: dict[str, object], known: Mapping[str, st
         if "reason" not in item:
             c.error(("refuse", name), "missing required key 'reason' (in this file or the base it extends)")
         elif node is not None:
-            found.append(Refusal(node, " ".join(str(item["reason"]).split()), c.where(("refuse", name))))
+            accept = item.get("accept") or {}
+            up_to = (
+                c.parse_expr(("refuse", name, "accept", "exact_up_to"), accept["exact_up_to"], known)
+                if accept
+                else None
+            )
+            differs = " ".join(str(accept.get("differs", "")).split())
+            reason = " ".join(str(item["reason"]).split())
+            found.append(Refusal(node, reason, c.where(("refuse", name)), str(name), up_to, differs))
     return tuple(found)
 
 

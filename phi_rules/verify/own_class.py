@@ -22,12 +22,16 @@ if TYPE_CHECKING:
     import torch
 
 
-def _lengths(config: Any) -> list[int]:
+def _lengths(config: Any, max_length: int | None = None) -> list[int]:
+    """The probe lengths; none longer than ``max_length`` (an accepted refusal's exact range), where given."""
     rope = getattr(config, "rope_parameters", None) or {}
     original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    lengths = [TOKENS]
     if rope.get("rope_type") == "longrope" and original:
-        return [min(TOKENS, int(original)), int(original) + 8]  # both sides of the switch to the long factors
-    return [TOKENS]
+        lengths = [min(TOKENS, int(original)), int(original) + 8]  # both sides of the switch to the long factors
+    if max_length is None:
+        return lengths
+    return list(dict.fromkeys(min(n, max_length) for n in lengths))
 
 
 def _mask(config: Any, t: int) -> torch.Tensor:
@@ -49,7 +53,9 @@ def _final_norm(model: Any) -> tuple[Any, str]:
     return model.model.final_layernorm, "model.final_layernorm."
 
 
-def verify_own_class(source: Path, out: Path, tol: float, adapters: tuple[Path, Path] | None = None) -> Report:
+def verify_own_class(
+    source: Path, out: Path, tol: float, adapters: tuple[Path, Path] | None = None, max_length: int | None = None
+) -> Report:
     """Compare the source folder, run by transformers' class for its own architecture, with the output;
     ``adapters``: the original adapter folder and its conversion, merged into each side's weights by its names."""
     import torch
@@ -68,7 +74,7 @@ def verify_own_class(source: Path, out: Path, tol: float, adapters: tuple[Path, 
         arch = json.loads((source / "config.json").read_text()).get("architectures", ["?"])[0]
         a, b = src.model.model, conv.model.model
         vocab = min(a.embed_tokens.num_embeddings, b.embed_tokens.num_embeddings)
-        for t in _lengths(src.model.config):
+        for t in _lengths(src.model.config, max_length):
             at = f" at {t} tokens" if t != TOKENS else ""
             ids = torch.tensor([(7919 * i + 13) % vocab for i in range(t)])[None]
             with (
