@@ -33,6 +33,8 @@ def test_an_accepted_window_gives_a_llama_exact_within_it(cli: Cli, tmp_path: Pa
         f"tokens; past {WINDOW} tokens each token attends to every earlier token, where the source attends only "
         "within its sliding window"
     ]
+    code, _, err = cli("plan", "--source", src, "--to", "llama", "--quiet", "--accept", "sliding-window")
+    assert code == 0 and said[0] in err.splitlines(), err  # the dry run says it too
     llama = load_strictly(out, "llama")
     for n in (WINDOW - 2, WINDOW):  # a prompt shorter than the window, and one as long as it
         assert (logits(model, n) - logits(llama, n)).abs().max().item() <= 1e-5, n

@@ -259,6 +259,8 @@ def plan_command(args: argparse.Namespace) -> int:
             )
         (rules,) = chain
     result = pipeline.plan(rules, _options(args), note=show.note(args.json or args.quiet))
+    for accepted in result.accepted:
+        show.warn(accepted.said())
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
