@@ -194,6 +194,9 @@ def _rope(config: Mapping[str, Any]) -> dict[str, Any]:
     return rope
 
 
+UNSCALED = ("default", "linear")  # rope types that read no original_max_position_embeddings
+
+
 def original_positions(config: Mapping[str, Any]) -> Any:
     """original_max_position_embeddings wherever the config keeps it (None: nowhere)."""
     rope = _rope(config)
@@ -347,10 +350,9 @@ def compared(source: Files, output: Files, overrides: Iterable[str] = ()) -> lis
     if not before or not after:
         return []
     found = []
-    pairs = [
-        ("max_position_embeddings", max_positions(before), max_positions(after)),
-        ("original_max_position_embeddings", original_positions(before), original_positions(after)),
-    ]
+    pairs = [("max_position_embeddings", max_positions(before), max_positions(after))]
+    if _rope(before)["rope_type"] not in UNSCALED:  # with no scaling, nothing reads the original length
+        pairs.append(("original_max_position_embeddings", original_positions(before), original_positions(after)))
     for key, was, now in pairs:
         if was is not None and was != now and key not in overrides:
             found.append(

@@ -132,7 +132,7 @@ def _verdict(rules: Rules, plan: Plan) -> Fit:
     """Why a rule does not fit (its names first: a refusal of a rule for another layout says little), and the
     refusal that holds, if any, unless it says the source is another model type (then the rule is not its
     answer: it does not read the source)."""
-    refusal = next((p.message for p in plan.problems if p.code == "refused"), "")
+    refusal = next((p.message for p in plan.problems if p.code in ("refused", "accept", "set")), "")
     if refusal and _other_model(rules, refusal):
         refusal = ""
         if not plan.unconsumed:
@@ -176,7 +176,12 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> Dete
         if tensors and reads_nothing(rules, sorted(tensors)):
             fits.append(replace(_unconsumed(rules, list(tensors)), given=n >= shipped))
             continue
-        plan = make_plan(rules, tensors, config, options.overrides, base=base)
+        plan = make_plan(rules, tensors, config, base=base)
+        try:
+            plan = _lifted(rules, plan, tensors, config, base, options)
+        except PhiRulesError as exc:  # what --set gives the source, refused by the rule
+            fits.append(Fit(rules, exc.diagnostics[0].message))
+            continue
         verdict = _verdict(rules, plan) if plan.problems else Fit(rules, "")
         fits.append(replace(verdict, given=n >= shipped, plan=plan, source=whole))
     if not read:  # the source itself could not be read: that one line says why
@@ -184,6 +189,23 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> Dete
         raise PhiRulesError(reason if reason.startswith(str(source)) else f"{source}: cannot be read: {reason}")
     names = next(iter(read.values()))[0]
     return Detection(source, fits, model_config, tuple(names))
+
+
+def _lifted(
+    rules: Rules,
+    plan: Plan,
+    tensors: dict[str, TensorInfo],
+    config: Mapping[str, Any] | None,
+    base: Mapping[str, Any] | None,
+    options: Options,
+) -> Plan:
+    """A rule whose names fit and that only a refusal stops, planned again with what the user said of the source
+    (``--set`` on its source fields, ``--accept``): what may lift the refusal, or say why it does not."""
+    given = {k: v for k, v in options.overrides.items() if k in rules.source.config_defaults}
+    refused = plan.problems and all(p.code == "refused" for p in plan.problems)
+    if not refused or plan.unconsumed or not (given or options.accept):
+        return plan
+    return make_plan(rules, tensors, config, given, base=base, accept=options.accept)
 
 
 def what_it_is(detection: Detection) -> str:

@@ -29,6 +29,7 @@ class Options:
 
     source: SourceOptions = field(default_factory=SourceOptions)
     overrides: Mapping[str, Value] = field(default_factory=dict)
+    accept: tuple[str, ...] = ()  # refusals to convert anyway, by name (``--accept``), where the rule allows it
     device: str = "cpu"
     dtype: str | None = None
     max_shard_bytes: int = 5 * 10**9

@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +27,7 @@ from phi_rules.errors import Diagnostic, PhiRulesError
 from phi_rules.language.rules import Rules
 from phi_rules.options import Options, SourceOptions
 from phi_rules.planning import remembered
-from phi_rules.planning.planner import Plan, make_plan
+from phi_rules.planning.planner import Accepted, Plan, make_plan
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.digest import Hasher
 from phi_rules.source.header import TensorInfo
@@ -75,7 +75,8 @@ def _planned(
     remembering it, which :func:`plan` and :func:`_write_and_check` do."""
     result = made if made is not None and not options.overrides and options.dtype is None else None
     if result is None:
-        result = make_plan(rules, tensors, resolved.config(), options.overrides, options.dtype, resolved.base())
+        config, base = resolved.config(), resolved.base()
+        result = make_plan(rules, tensors, config, options.overrides, options.dtype, base, options.accept)
     if not result.problems:
         return result
     _blame_overrides(result, tensors, resolved, options)
@@ -96,7 +97,7 @@ def _blame_overrides(
     said = [p for p in result.problems if p.code == "set"]
     if said:
         raise PhiRulesError(said)
-    plain = make_plan(result.rules, tensors, resolved.config(), {}, options.dtype, resolved.base())
+    plain = make_plan(result.rules, tensors, resolved.config(), {}, options.dtype, resolved.base(), options.accept)
     if not plain.problems:
         given = " ".join(f"{k}={v}" for k, v in options.overrides.items())
         raise PhiRulesError(f"--set {given}: the conversion does not fit with it: {result.problems[0]}")
@@ -140,8 +141,29 @@ def _write_and_check(result: Plan, folder: Path, write: Callable[[], None]) -> N
     remembered.remember(check, folder)
 
 
-def check_function(rules: Rules, resolved: ResolvedSource, folder: Path, tol: float, shown: Path) -> Any:
-    """``verify`` on a folder; raises its one-line error when a part diverges, else returns the report."""
+def _say_accepted(result: Plan, options: Options, warn: Callable[[str], None]) -> None:
+    """Each accepted refusal in one line, before anything is written; the output's safetensors metadata records
+    it (a .bin has none: refused)."""
+    if result.accepted and output.weights_format(result.rules, options) != "safetensors":
+        raise PhiRulesError(
+            "--accept: the output records what it accepts in its safetensors metadata: drop --format bin"
+        )
+    for accepted in result.accepted:
+        warn(accepted.said())
+
+
+def check_function(
+    rules: Rules,
+    resolved: ResolvedSource,
+    folder: Path,
+    tol: float,
+    shown: Path,
+    accepted: Sequence[Accepted] = (),
+    warn: Callable[[str], None] = lambda _: None,
+) -> Any:
+    """``verify`` on a folder (up to the length an accepted refusal leaves exact); raises its one-line error when a
+    part diverges, else returns the report; a source no reference can run is said in one line (``warn``): its
+    names and shapes were checked, not its function."""
     from phi_rules.verify import failure, verify
 
     if rules.target.adapter is not None:
@@ -149,10 +171,13 @@ def check_function(rules: Rules, resolved: ResolvedSource, folder: Path, tol: fl
             f"{shown}: --verify proves models; an adapter is proven on its base: phi-rules verify --source ADAPTER "
             f"{shown} --base ORIGINAL_BASE CONVERTED_BASE"
         )
-    report = verify(resolved.weights, rules.layout, resolved.config(), folder, tol)
+    max_length = min((a.exact_up_to for a in accepted), default=None)
+    report = verify(resolved.weights, rules.layout, resolved.config(), folder, tol, max_length=max_length)
     problem = failure(shown, report)
     if problem is not None:
         raise problem
+    if report.checked:  # a source no reference runs: what was checked instead
+        warn(f"{shown}: --verify: {report.checked}")
     return report
 
 
@@ -256,7 +281,7 @@ def convert_through(
                 found = None
                 said = lambda _: None  # noqa: E731 - what later steps would note is about the scratch folder
                 read = SourceOptions(source=folder, cache_dir=options.source.cache_dir, offline=True)
-                step = replace(options, source=read, overrides={}, dtype=None, force=False, format=None)
+                step = replace(options, source=read, overrides={}, accept=(), dtype=None, force=False, format=None)
             last = replace(step, force=options.force, format=options.format)
             return _convert(chain[-1], out, last, said, warn, progress, None)
         finally:
@@ -329,12 +354,13 @@ def _convert(
     try:
         with _interruptible() as interrupted, Checkpoint(resolved.weights) as ckpt:
             result = _planned(rules, ckpt.tensors, resolved, options, made)  # nothing written on a problem
+            _say_accepted(result, options, warn)
             shown = progress(result)
             _write_and_check(
                 result, tmp, lambda: output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)
             )
             if options.verify is not None:
-                check_function(rules, resolved, tmp, options.verify, out)
+                check_function(rules, resolved, tmp, options.verify, out, result.accepted, warn)
             output.write_side_files(tmp, result, resolved, note)
             _check_whole(rules, resolved, tmp, out, options, warn)
             if options.fsync:

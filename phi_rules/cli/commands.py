@@ -115,7 +115,13 @@ def _options(args: argparse.Namespace) -> Options:
             "require_tokenizer": args.require_tokenizer,
             "verify": args.verify,
         }
-    return Options(source=src, overrides=dict(getattr(args, "set", [])), dtype=getattr(args, "dtype", None), **extra)
+    return Options(
+        source=src,
+        overrides=dict(getattr(args, "set", [])),
+        accept=tuple(getattr(args, "accept", [])),
+        dtype=getattr(args, "dtype", None),
+        **extra,
+    )
 
 
 def detect_command(args: argparse.Namespace) -> int:
@@ -161,7 +167,7 @@ def _written_type(folder: Path) -> str | None:
 
 def verify_command(args: argparse.Namespace) -> int:
     from phi_rules.source.resolve import resolve
-    from phi_rules.verify import failure, layer_rows, verify
+    from phi_rules.verify import accepted_up_to, failure, layer_rows, verify
 
     show.quiet_libraries()
     adapters, shown = None, args.out
@@ -169,11 +175,15 @@ def verify_command(args: argparse.Namespace) -> int:
         adapters = (args.source, args.out)
         args.source, args.out = args.base
     args.to = _written_type(args.out)  # among the rules that read the source, the one that wrote this output
+    accepted = accepted_up_to(args.out)  # made with a refusal accepted: proven up to the length it leaves exact
+    max_length, args.accept = accepted or (None, [])
     (rules,) = _rules_for(args, [args.rules] if args.rules else [])
     options = _options(args)
     resolved = resolve(rules, options.source)
     progress = partial(show.bar, args.quiet, unit="layer", desc="verify")  # layer by layer, on a terminal
-    report = verify(resolved.weights, rules.layout, resolved.config(), args.out, args.tol, adapters, progress)
+    report = verify(
+        resolved.weights, rules.layout, resolved.config(), args.out, args.tol, adapters, progress, max_length
+    )
     if args.json:
         print(json.dumps({"rule": rules.name, **report.to_json()}, indent=2))
     else:
@@ -196,8 +206,11 @@ def verify_command(args: argparse.Namespace) -> int:
         if report.bounds is None:
             print(f"{shown}: has every tensor {report.reference} needs, by name and shape (no function check)")
         else:
-            parts = len(layer_rows(report))
-            print(f"{shown}: computes the original function ({report.reference} reference, {parts} parts)")
+            within = ""
+            if accepted is not None:
+                within = f" for inputs up to {accepted[0]} tokens, as --accept {', '.join(accepted[1])} left it"
+            parts = f"({report.reference} reference, {len(layer_rows(report))} parts)"
+            print(f"{shown}: computes the original function{within} {parts}")
     return 0
 
 
@@ -249,8 +262,9 @@ def _route(args: argparse.Namespace, one: bool = False) -> list[Any]:
     where no rule writes --to from this layout); ``one``: the one rule that writes --to."""
     from phi_rules.detect import chosen, detect, route
 
-    found = _options(args)  # the layout is the source's own: --set shapes the plan, --tokenizer the output
-    detection = detect(args.source, replace(found, overrides={}, source=replace(found.source, tokenizer=None)))
+    found = _options(args)  # the layout is the source's own (--set and --accept only lift a refusal of a rule that
+    # fits it); --tokenizer shapes the output
+    detection = detect(args.source, replace(found, source=replace(found.source, tokenizer=None)))
     to = getattr(args, "to", None)
     return [chosen(detection, to)] if one else route(detection, to)
 
@@ -272,6 +286,8 @@ def plan_command(args: argparse.Namespace) -> int:
             )
         (rules,) = chain
     result = pipeline.plan(rules, _options(args), note=show.note(args.json or args.quiet))
+    for accepted in result.accepted:
+        show.warn(accepted.said())
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
@@ -327,6 +343,9 @@ def apply_command(args: argparse.Namespace) -> int:
             progress=show.progress_factory(args.quiet),
             found=found,
         )
+        idle = [a for a in options.accept if a not in {x.name for x in result.accepted}]
+        if idle:  # a refusal named that does not hold for this source: nothing was accepted
+            show.note(args.quiet)(f"--accept {', '.join(idle)}: the refusal does not hold for this source")
         if not args.quiet:
             last = chain[-1].target
             what = last.architecture if len(chain) == 1 else last.layout  # a route ends in a layout

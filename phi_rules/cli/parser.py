@@ -162,7 +162,17 @@ def _source(q: argparse.ArgumentParser, converting: bool = True) -> None:
         type=_set_value,
         default=[],
         metavar="NAME=VALUE",
-        help="override a source config field or a target config value (JSON or plain text)",
+        help="override a source config field (planning and refusals see it) or a target config value (JSON or "
+        "plain text); the output's metadata records it; a name that is neither is refused",
+    )
+    q.add_argument(
+        "--accept",
+        action="append",
+        default=[],
+        metavar="REFUSAL",
+        help="convert although the rule's refusal REFUSAL holds (its name, as `detect` and the rule show it), where "
+        "the rule says up to what input length the output stays exact: said in one line, recorded in the output, "
+        "and `verify` proves that length",
     )
     q.add_argument(
         "--dtype",

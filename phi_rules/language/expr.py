@@ -95,6 +95,7 @@ FUNCTIONS: dict[str, tuple[int, int]] = {
     "replace": (3, 3),
     "any": (1, 99),
     "all": (1, 99),
+    "if": (3, 3),
 }
 # Functions that read the source's tensor names and shapes: their first argument is a quoted regex.
 TENSOR_FUNCTIONS = ("dim", "max_index")
@@ -325,6 +326,9 @@ def evaluate(node: Node, env: Mapping[str, Value], shapes: Shapes | None = None)
     if node.func in ("any", "all"):  # any(a, b): true when one argument is; all(a, b): when every one is
         truths = (bool(evaluate(arg, env, shapes)) for arg in node.args)
         return any(truths) if node.func == "any" else all(truths)
+    if node.func == "if":  # if(condition, then, else): only the chosen side is evaluated
+        chosen = node.args[1] if evaluate(node.args[0], env, shapes) else node.args[2]
+        return evaluate(chosen, env, shapes)
     if node.func == "replace":  # replace(x, old, new): a value that had another name ('su' is now 'longrope')
         value, old, new = (evaluate(arg, env, shapes) for arg in node.args)
         return new if value == old else value

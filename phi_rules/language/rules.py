@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phi_rules.errors import Diagnostic, PhiRulesError
+from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language import expr, reverse
 from phi_rules.language.checker import Checker, Where, YPath
+from phi_rules.language.config_fields import config_fields
 from phi_rules.language.document import LoadError, load_document, rule_path, shipped_reverse_names
 from phi_rules.language.steps import Rename, Step, build_step, check_unique_names
 
@@ -79,6 +80,9 @@ class Refusal:
     when: expr.Node
     reason: str
     where: Where
+    name: str = ""  # what ``--accept NAME`` says to convert anyway
+    exact_up_to: expr.Node | None = None  # ``accept``: up to how many tokens the output still computes the source's
+    differs: str = ""  # and what it computes otherwise past them; a refusal without ``accept`` cannot be accepted
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,8 @@ def _build_target(c: Checker, data: dict[str, object], source_names: Mapping[str
         if key in raw["config"]:
             c.error(("target", "copy", i), f"{key!r} is both copied and computed in target.config: keep one")
     remote = bool(raw.get("remote_code", False))
+    if not remote:
+        _check_config_fields(c, str(raw["architecture"]), [*raw["config"]], copy)
     return Target(
         raw["architecture"],
         raw.get("check", True) and not remote,  # no class to check against
@@ -222,6 +228,20 @@ def _check_merged_target(c: Checker, data: dict[str, Any]) -> None:
         c.bad_paths.append(path[:-1])
 
 
+def _check_config_fields(c: Checker, architecture: str, config: list[str], copy: tuple[str, ...]) -> None:
+    """Every ``target.config`` and ``copy`` key is a field of the target's config class (from the committed table:
+    no torch), as ``plan`` finds with the class itself."""
+    found = config_fields(architecture)
+    if found is None:
+        return
+    cls, known = found
+    keys: list[tuple[YPath, str]] = [(("target", "config", k), k) for k in config]
+    keys += [(("target", "copy", i), k) for i, k in enumerate(copy)]
+    for path, key in keys:
+        if key not in known:
+            c.error(path, f"{cls} has no field {key!r}{did_you_mean(key, known)}")
+
+
 def _build_refusals(c: Checker, data: dict[str, object], known: Mapping[str, str]) -> tuple[Refusal, ...]:
     raw = data.get("refuse")
     if not isinstance(raw, dict) or not c.ok(("refuse",)):
@@ -232,7 +252,15 @@ def _build_refusals(c: Checker, data: dict[str, object], known: Mapping[str, str
         if "reason" not in item:
             c.error(("refuse", name), "missing required key 'reason' (in this file or the base it extends)")
         elif node is not None:
-            found.append(Refusal(node, " ".join(str(item["reason"]).split()), c.where(("refuse", name))))
+            accept = item.get("accept") or {}
+            up_to = (
+                c.parse_expr(("refuse", name, "accept", "exact_up_to"), accept["exact_up_to"], known)
+                if accept
+                else None
+            )
+            differs = " ".join(str(accept.get("differs", "")).split())
+            reason = " ".join(str(item["reason"]).split())
+            found.append(Refusal(node, reason, c.where(("refuse", name)), str(name), up_to, differs))
     return tuple(found)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from phi_rules.dtypes import FLOAT_DTYPES, itemsize
-from phi_rules.errors import Diagnostic
+from phi_rules.errors import Diagnostic, did_you_mean
 from phi_rules.language import expr, ops, regex, template
 from phi_rules.language.rules import Rules
 from phi_rules.language.steps import Drop, Rename, Step, Transform
@@ -99,6 +99,22 @@ def _ops_of(value: Value) -> list[ops.Op]:
     return inner + list(value.comp.ops)
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """A refusal that held and was accepted by name (``--accept``): the output computes the source's function
+    for inputs up to ``exact_up_to`` tokens, and ``differs`` past them."""
+
+    name: str
+    exact_up_to: int
+    differs: str
+
+    def said(self) -> str:
+        return (
+            f"--accept {self.name}: the output computes the source's function for inputs up to {self.exact_up_to} "
+            f"tokens; past {self.exact_up_to} tokens {self.differs}"
+        )
+
+
 @dataclass
 class Plan:
     """The result of planning: outputs, the configs they were computed with, and every problem found."""
@@ -113,6 +129,7 @@ class Plan:
     adapter_config: dict[str, object] | None = None  # for adapter rules: the adapter_config.json to write
     overridden: tuple[str, ...] = ()  # the target config keys that --set gave
     uses: dict[str, expr.Value] = field(default_factory=dict)  # model attribute -> the value the source means
+    accepted: list[Accepted] = field(default_factory=list)  # refusals that held and --accept named
 
     @property
     def total_bytes(self) -> int:
@@ -168,7 +185,8 @@ def target_config(
     shapes: expr.Shapes | None = None,
 ) -> dict[str, expr.Value]:
     """Target config values: ``copy`` fields the source has, then the expressions; ``--set`` wins for target keys."""
-    values: dict[str, expr.Value] = {k: found[k] for k in rules.target.copy if found and k in found}  # type: ignore[misc]
+    given = {**(found or {}), **{k: v for k, v in overrides.items() if k in rules.source.config_defaults}}
+    values: dict[str, expr.Value] = {k: given[k] for k in rules.target.copy if k in given}  # type: ignore[misc]
     computed: dict[str, expr.Value] = {}
     for key, node in rules.target.config.items():  # a name reads the target value above it, else the source's
         try:
@@ -195,16 +213,45 @@ def let_values(
     return values
 
 
-def refusals(rules: Rules, env: Mapping[str, expr.Value], shapes: expr.Shapes | None = None) -> list[Diagnostic]:
-    """The rule's refusals whose condition holds for this source: the target would compute something else."""
-    found = []
+def refusals(
+    rules: Rules, env: Mapping[str, expr.Value], shapes: expr.Shapes | None = None, accept: tuple[str, ...] = ()
+) -> tuple[list[Diagnostic], list[Accepted]]:
+    """The rule's refusals whose condition holds for this source (the target would compute something else), and
+    those of them that ``accept`` names, where the rule says up to what length the output is still exact."""
+    found: list[Diagnostic] = []
+    accepted: list[Accepted] = []
+    names = [r.name for r in rules.refusals]
+    found += [
+        Diagnostic(
+            f"--accept {a}: rule {rules.name} has no refusal {a!r}{did_you_mean(a, names)} (its refusals: "
+            f"{', '.join(names) or 'none'})",
+            code="accept",
+        )
+        for a in accept
+        if a not in names
+    ]
     for refusal in rules.refusals:
         try:
-            if expr.evaluate(refusal.when, env, shapes):
+            if not expr.evaluate(refusal.when, env, shapes):
+                continue
+            if refusal.name not in accept:
                 found.append(refusal.where.error(f"refused: {refusal.reason}", "refused"))
+            elif refusal.exact_up_to is None:
+                found.append(
+                    Diagnostic(
+                        f"--accept {refusal.name}: this refusal cannot be accepted: the output would compute "
+                        f"otherwise at every length ({refusal.reason})",
+                        code="accept",
+                    )
+                )
+            else:
+                up_to = expr.evaluate(refusal.exact_up_to, env, shapes)
+                if not isinstance(up_to, int) or isinstance(up_to, bool) or up_to < 1:
+                    raise expr.ExprError(f"accept/exact_up_to must be a whole number of tokens, not {up_to!r}")
+                accepted.append(Accepted(refusal.name, up_to, refusal.differs))
         except expr.ExprError as exc:
             found.append(refusal.where.error(f"cannot check this refusal: {exc.message}", "plan"))
-    return found
+    return found, accepted
 
 
 class _Planner:
@@ -363,9 +410,10 @@ def make_plan(
     overrides: Mapping[str, expr.Value] | None = None,
     dtype: str | None = None,
     base: Mapping[str, object] | None = None,
+    accept: tuple[str, ...] = (),
 ) -> Plan:
     """Plan ``rules`` over source tensor metadata; problems land in ``Plan.problems``. ``base``: an adapter's
-    base model's config, for the fields the adapter's own config lacks."""
+    base model's config, for the fields the adapter's own config lacks; ``accept``: refusals converted anyway."""
     overrides = overrides or {}
     problems: list[Diagnostic] = []
     src = source_config(rules, found_config, overrides, base if rules.target.adapter else None)  # --base: adapters
@@ -373,7 +421,8 @@ def make_plan(
     config = target_config(rules, src, found_config, overrides, problems, shapes)
     entries = {n: Entry(i, i.shape, i.dtype, ()) for n, i in tensors.items()}
     env = let_values(rules, {**config, **src}, problems, shapes)  # a field both sides name: the source's value
-    problems[:0] = refusals(rules, env, shapes)
+    refused, accepted = refusals(rules, env, shapes, accept)
+    problems[:0] = refused
     final = _Planner(rules, env, problems).run(entries)
     out_dtype = dtype or (None if rules.target.dtype == "keep" else rules.target.dtype)
     untouched = [n for n, e in final.items() if not e.steps]
@@ -407,9 +456,21 @@ def make_plan(
             uses[name] = expr.evaluate(node, env, shapes)
         except expr.ExprError as exc:
             problems.append(rules.target.uses_where[name].error(f"cannot compute {name}: {exc.message}", "plan"))
-    held = [p for p in problems if p.code == "refused"]  # what else went wrong is its consequence: the reason alone
+    held = [
+        p for p in problems if p.code in ("accept", "refused")
+    ]  # what else went wrong is its consequence: the reason alone
     return Plan(
-        rules, src, config, planned, list(tensors), held or problems, untouched, adapter_config, target_keys, uses
+        rules,
+        src,
+        config,
+        planned,
+        list(tensors),
+        held or problems,
+        untouched,
+        adapter_config,
+        target_keys,
+        uses,
+        accepted,
     )
 
 
@@ -422,6 +483,7 @@ def override_types(
         if key not in rules.source.config_defaults:
             continue
         own = found.get(key) if found and key in found else rules.source.config_defaults[key]
-        if isinstance(own, int | float) and not isinstance(own, bool) and not isinstance(value, int | float):
+        number = isinstance(value, int | float) or value is None  # null: the field is absent, as in config.json
+        if isinstance(own, int | float) and not isinstance(own, bool) and not number:
             wrong.append(Diagnostic(f"--set {key}={value}: {key} is a number (the source has {own!r})", code="set"))
     return wrong

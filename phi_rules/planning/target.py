@@ -54,11 +54,14 @@ def _known_fields(config_cls: Any) -> set[str]:
     return known
 
 
-def _read_by_model(model_cls: Any) -> set[str]:
-    """Fields the modeling code reads where its config class declares none (Phi3's ``head_dim``): the config
+def read_by_code(source: str) -> set[str]:
+    """Fields modeling code reads where its config class may declare none (Phi3's ``head_dim``): the config
     keeps them, and the model computes with them."""
-    source = inspect.getsource(sys.modules[model_cls.__module__])
     return set(re.findall(r'getattr\(config, "(\w+)"', source))
+
+
+def _read_by_model(model_cls: Any) -> set[str]:
+    return read_by_code(inspect.getsource(sys.modules[model_cls.__module__]))
 
 
 def where(plan: Plan, key: str) -> Where:

@@ -99,8 +99,8 @@ def _check_contiguous(spans: list[tuple[int, int, str]], file: str, data: int | 
         raise PhiRulesError(f"{file}: the data section holds {data} bytes but its tensors end at {at} (corrupt header)")
 
 
-def read_safetensors(path: Path) -> dict[str, TensorInfo]:
-    """Tensor infos of a local safetensors file, reading only its header."""
+def _header_bytes(path: Path) -> tuple[bytes, int]:
+    """A local safetensors file's header JSON bytes, and the file's size."""
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
@@ -109,4 +109,19 @@ def read_safetensors(path: Path) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if n > min(MAX_HEADER, size - 8):
             raise PhiRulesError(f"{path}: not a safetensors file: header length {n} is impossible")
-        return parse_safetensors_header(fh.read(n), str(path), size)
+        return fh.read(n), size
+
+
+def read_safetensors(path: Path) -> dict[str, TensorInfo]:
+    """Tensor infos of a local safetensors file, reading only its header."""
+    raw, size = _header_bytes(path)
+    return parse_safetensors_header(raw, str(path), size)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A local safetensors file's ``__metadata__`` (where phi-rules records a conversion), empty where it has none."""
+    try:
+        found = json.loads(_header_bytes(path)[0]).get("__metadata__")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise PhiRulesError(f"{path}: not a safetensors file: header is not a JSON object") from None
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}

@@ -53,19 +53,28 @@ def switch_points(config: Any) -> list[tuple[int, str, bool]]:
     return points
 
 
-def probes(source: Any, output: Any) -> list[Probe]:
+def probes(source: Any, output: Any, max_length: int | None = None) -> list[Probe]:
     """The everyday length, and one past each switch point either config names (a point the other side
     lacks is exactly where the two differ), and one at a rope switch too where the everyday length is
-    past it; up to the source's max_position_embeddings, as far as the model is meant to run."""
-    why: dict[int, list[str]] = {TOKENS: ["every layer, teacher-forced and end to end"]}
+    past it; up to the source's max_position_embeddings, as far as the model is meant to run, and up to
+    ``max_length`` where an accepted refusal leaves the output exact only that far."""
+    everyday = everyday_length(max_length)
+    why: dict[int, list[str]] = {everyday: ["every layer, teacher-forced and end to end"]}
     limit = getattr(source, "max_position_embeddings", None)
     for point, field, whole in sorted({*switch_points(source), *switch_points(output)}):
-        if isinstance(limit, int) and point >= limit:
+        at = everyday if point < everyday else point + PAST
+        if (isinstance(limit, int) and point >= limit) or (max_length is not None and at > max_length):
             continue
-        why.setdefault(TOKENS if point < TOKENS else point + PAST, []).append(f"past {field}")
-        if whole and point < TOKENS:
+        why.setdefault(at, []).append(f"past {field}")
+        if whole and point < everyday:
             why.setdefault(point, []).append(f"up to {field}")
     return [Probe(t, "; ".join(w)) for t, w in sorted(why.items())]
+
+
+def everyday_length(max_length: int | None) -> int:
+    """The probe that runs every layer and the model end to end: the usual length, or shorter where an accepted
+    refusal leaves the output exact only up to ``max_length`` tokens."""
+    return TOKENS if max_length is None else min(TOKENS, max_length)
 
 
 def _kinds(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[int]:
@@ -119,10 +128,12 @@ def verify_own_class(
     tol: float,
     adapters: tuple[Path, Path] | None = None,
     progress: Callable[[int], Callable[[int], None]] | None = None,
+    max_length: int | None = None,
 ) -> Report:
     """Compare the source folder, run by transformers' class for its own architecture, with the output;
     ``adapters``: the original adapter folder and its conversion, merged into each side's weights by its names.
-    ``progress``: given the number of layer runs, returns what to call after each."""
+    ``progress``: given the number of layer runs, returns what to call after each; ``max_length``: no probe
+    longer (the output was made with a refusal accepted, exact up to that length)."""
     import torch
 
     if not (source / "config.json").is_file():
@@ -141,9 +152,10 @@ def verify_own_class(
         a, b = src.model.model, conv.model.model
         layers = min(len(a.layers), len(b.layers))
         vocab = min(a.embed_tokens.num_embeddings, b.embed_tokens.num_embeddings)
-        plan = probes(src.model.config, conv.model.config)
+        plan = probes(src.model.config, conv.model.config, max_length)
+        everyday = everyday_length(max_length)
         contexts = {p.tokens: (src.context(p.tokens), conv.context(p.tokens)) for p in plan}
-        runs = {p.tokens: list(range(layers)) if p.tokens == TOKENS else _kinds(*contexts[p.tokens]) for p in plan}
+        runs = {p.tokens: list(range(layers)) if p.tokens == everyday else _kinds(*contexts[p.tokens]) for p in plan}
         tick = (progress or (lambda _n: lambda _k: None))(sum(len(r) for r in runs.values()))
         for probe in plan:
             t, (ks, ko) = probe.tokens, contexts[probe.tokens]
@@ -154,15 +166,15 @@ def verify_own_class(
                 conv.loaded(b.embed_tokens, "model.embed_tokens.") as e2,
             ):
                 x, y = e1(ids), e2(ids)
-            if t == TOKENS:
-                add("embeddings", x, y, "check model.embed_tokens.weight", bounds.part(x))
+            if t == everyday:
+                add(f"embeddings{at}", x, y, "check model.embed_tokens.weight", bounds.part(x))
             for i in runs[t]:
                 where = f"model.layers.{i}"
                 with src.loaded(a.layers[i], f"{where}.") as l1, conv.loaded(b.layers[i], f"{where}.") as l2:
                     with _parts(l1) as inside1, _parts(l2) as inside2:
                         ref = l1(x, **ks[i])
                         got = l2(x, **ko[i])
-                    if t == TOKENS:
+                    if t == everyday:
                         y = l2(y, **ko[i])  # the output on its own
                 hint = f"check {where} (q/k/v and gate/up rows, rope_parameters, sliding_window)"
                 add(f"layer {i}{at}", ref - x, got - x, hint, bounds.part(ref - x, x))
@@ -174,10 +186,10 @@ def verify_own_class(
                         PART_HINTS[name].format(where),
                         bounds.part(part),
                     )
-                if t == TOKENS:
+                if t == everyday:
                     x = ref
                 tick(1)
-            if t != TOKENS:
+            if t != everyday:
                 continue
             if len(a.layers) != len(b.layers):
                 hint = f"the source has {len(a.layers)} layers, the output {len(b.layers)}"
@@ -185,13 +197,13 @@ def verify_own_class(
             (n1, p1), (n2, p2) = _final_norm(src.model), _final_norm(conv.model)
             with src.loaded(n1, p1) as f1, conv.loaded(n2, p2) as f2:
                 x, normed, y = f1(x), f2(x), f2(y)
-            add("final norm", x, normed, f"check {p2}weight", bounds.part(x))
+            add(f"final norm{at}", x, normed, f"check {p2}weight", bounds.part(x))
             with (
                 src.loaded(src.model.lm_head, _head(src.model)) as h1,
                 conv.loaded(conv.model.lm_head, _head(conv.model)) as h2,
             ):
                 ref, got, alone = h1(x), h2(x), h2(y)
-            add("logits", ref, got, f"check lm_head (the reference is {arch})", bounds.part(ref))
+            add(f"logits{at}", ref, got, f"check lm_head (the reference is {arch})", bounds.part(ref))
             hint = f"the output run on its own drifts from {arch}: check every layer's config"
-            add("logits end to end", ref, alone, hint, bounds.end_to_end(ref, len(a.layers)))
+            add(f"logits end to end{at}", ref, alone, hint, bounds.end_to_end(ref, len(a.layers)))
     return Report(rows, plan, bounds, reference=arch)

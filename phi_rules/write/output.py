@@ -20,13 +20,17 @@ from phi_rules.write import stream
 from phi_rules.write.safetensors import SafetensorsWriter
 from phi_rules.write.stream import Progress
 
+ACCEPTED = "phi_rules.accepted"  # the safetensors metadata key of the accepted refusals
+
 if TYPE_CHECKING:  # torch is imported only when a tensor's bytes change: byte copies need none
     import torch
 
     from phi_rules.write.execute import Executor
 
 
-def _metadata(rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str]) -> dict[str, str]:
+def _metadata(
+    rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str], said: Mapping[str, str]
+) -> dict[str, str]:
     return {
         "format": "pt",
         "phi_rules.rule": rules.name,
@@ -34,7 +38,21 @@ def _metadata(rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str])
         "phi_rules.source": resolved.origin,
         "phi_rules.source_revision": resolved.revision or "",
         "phi_rules.source_sha256": json.dumps(dict(hashes), sort_keys=True),
+        **said,
     }
+
+
+def _said(result: Plan, options: Options) -> dict[str, str]:
+    """What the user told the conversion besides the rule, recorded with it: ``--set`` values, and each accepted
+    refusal with the length up to which the output is exact (``verify`` reads it)."""
+    said = {}
+    if options.overrides:
+        said["phi_rules.set"] = json.dumps(dict(options.overrides), sort_keys=True)
+    if result.accepted:
+        said[ACCEPTED] = json.dumps(
+            [{"refusal": a.name, "exact_up_to": a.exact_up_to, "differs": a.differs} for a in result.accepted]
+        )
+    return said
 
 
 def weights_format(rules: Rules, options: Options) -> str:
@@ -64,8 +82,9 @@ def write_weights(
         return
     placeholder = {p.name: "0" * 64 for p in resolved.weights}
     single = "adapter_model.safetensors" if result.adapter_config is not None else None
+    said = _said(result, options)
     writer = SafetensorsWriter(
-        folder, result.tensors, options.max_shard_bytes, _metadata(result.rules, resolved, placeholder), single
+        folder, result.tensors, options.max_shard_bytes, _metadata(result.rules, resolved, placeholder, said), single
     )
     try:
         moves: list[tuple[PlannedTensor, list[Segment], str]] = []
@@ -83,7 +102,7 @@ def write_weights(
             stream.cast(casts, ckpt.fd, writer.fds, progress)
         if computed:
             _write_computed(writer, computed, _executor(ckpt, result, options), progress)
-        writer.finish(_metadata(result.rules, resolved, hasher.result()))
+        writer.finish(_metadata(result.rules, resolved, hasher.result(), said))
     finally:
         writer.close()
 
