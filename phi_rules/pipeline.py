@@ -55,6 +55,9 @@ def checked(plan: Plan, dtype: str | None) -> Any:
             problems = [already]
         elif all(p.code == "unconsumed" for p in problems):  # a failed step would only cascade here
             problems += expected.uses + target.check_against_target(plan, expected.shapes, expected.tied)
+            for part in [] if problems else plan.parts:  # each adapter part as PEFT saves it on the target
+                shown = replace(plan, tensors=part.tensors, adapter_config=part.adapter_config)
+                problems += target.check_against_target(shown, target.expected_adapter_parameters(shown, config))
     if problems:
         raise PhiRulesError(problems)
     return config
@@ -98,7 +101,10 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
     tensors, resolved = source_tensors(rules, options.source, note)
     for n in resolved.notes:
         note(n)
-    return _planned(rules, tensors, resolved, options)
+    result = _planned(rules, tensors, resolved, options)
+    for n in result.notes:
+        note(n)
+    return result
 
 
 def _write_and_check(result: Plan, folder: Path, write: Callable[[], None]) -> None:
@@ -287,9 +293,14 @@ def _convert(
             if result.problems:  # every problem at once, the target's included; nothing written
                 checked(result, _uniform_dtype(result))
             shown = progress(result)
-            _write_and_check(
-                result, tmp, lambda: output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)
-            )
+            for n in result.notes:
+                note(n)
+
+            def write() -> None:
+                output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)
+                output.write_parts(tmp, result, ckpt, options, resolved, hasher, shown)
+
+            _write_and_check(result, tmp, write)
             if options.verify is not None:
                 check_function(rules, resolved, tmp, options.verify, out)
             for extra in resolved.extras:

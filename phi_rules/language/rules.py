@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,17 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class Part:
+    """``target.parts``: a sub-folder written beside the model, a PEFT adapter of the target. It takes the
+    tensors whose output names the steps begin with ``name/``; its adapter_config.json is computed."""
+
+    name: str
+    adapter_config: Mapping[str, expr.Node]
+    absent: str | None  # why a source may lack it (then a note says so); None: its tensors are required
+    where: Where
+
+
+@dataclass(frozen=True)
 class Target:
     architecture: str
     check: bool
@@ -89,6 +100,7 @@ class Target:
     uses: Mapping[str, expr.Node] = field(default_factory=dict)  # model attributes -> what the source means
     uses_where: Mapping[str, Where] = field(default_factory=dict)
     remote_code: bool = False  # config.json written as the values say: no transformers class has the layout
+    parts: tuple[Part, ...] = ()  # sub-folders beside the model, each with its own tensors
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -379,6 +391,28 @@ def _build_target(c: _Checker, data: dict[str, object], source_names: Mapping[st
     )
 
 
+def _build_parts(c: _Checker, data: dict[str, Any], known: Mapping[str, str]) -> tuple[Part, ...]:
+    """``target.parts``: each part's adapter_config fields, expressions over every value a step may read."""
+    raw = data.get("target")
+    parts = raw.get("parts") if isinstance(raw, dict) and c.ok(("target", "parts")) else None
+    if not isinstance(parts, dict):
+        return ()
+    built = []
+    for name, body in parts.items():
+        path: YPath = ("target", "parts", name, "adapter_config")
+        fields = {k: c.parse_expr((*path, k), v, known) for k, v in body["adapter_config"].items()}
+        absent = body.get("absent")
+        built.append(
+            Part(
+                str(name),
+                {k: n for k, n in fields.items() if n is not None},
+                " ".join(str(absent).split()) if absent is not None else None,
+                c.where(("target", "parts", name)),
+            )
+        )
+    return tuple(built)
+
+
 def _adapter_spec(raw: dict[str, Any] | None) -> AdapterSpec | None:
     if raw is None:
         return None
@@ -661,6 +695,7 @@ def _check(
     known = {**source_names, **{str(k): "target config" for k in (raw_config if isinstance(raw_config, dict) else {})}}
     lets = _build_lets(c, data, known)
     refusals = _build_refusals(c, data, {**known, **dict.fromkeys(lets, "let")})
+    parts = _build_parts(c, data, {**known, **dict.fromkeys(lets, "let")})
     steps: list[Step | None] = []
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     assert isinstance(raw_steps, list)
@@ -677,7 +712,7 @@ def _check(
         data["name"],
         data.get("description", ""),
         source,
-        target,
+        replace(target, parts=parts),
         lets,
         {k: c.where(("let", k)) for k in lets},
         tuple(s for s in steps if s is not None),

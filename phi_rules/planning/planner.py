@@ -15,6 +15,7 @@ from phi_rules.dtypes import FLOAT_DTYPES, itemsize
 from phi_rules.errors import Diagnostic
 from phi_rules.language import expr, ops, regex, template
 from phi_rules.language.rules import Drop, Rename, Rules, Step, Transform
+from phi_rules.planning.parts import PartPlan, split
 from phi_rules.source.header import TensorInfo
 
 SHOW = 20  # at most this many keys named per problem class; the rest are counted
@@ -112,6 +113,8 @@ class Plan:
     adapter_config: dict[str, object] | None = None  # for adapter rules: the adapter_config.json to write
     overridden: tuple[str, ...] = ()  # the target config keys that --set gave
     uses: dict[str, expr.Value] = field(default_factory=dict)  # model attribute -> the value the source means
+    parts: list[PartPlan] = field(default_factory=list)  # sub-folders beside the model (target.parts)
+    notes: list[str] = field(default_factory=list)  # what the user should know: a part the source lacks
 
     @property
     def total_bytes(self) -> int:
@@ -389,6 +392,7 @@ def make_plan(
         PlannedTensor(n, e.value, e.shape, out_dtype if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.steps)
         for n, e in final.items()
     ]
+    planned, parts, notes = split(rules, planned, env, problems)
     adapter_config = None
     if rules.target.adapter is not None:
         from phi_rules.planning.adapter import converted
@@ -408,7 +412,18 @@ def make_plan(
             problems.append(rules.target.uses_where[name].error(f"cannot compute {name}: {exc.message}", "plan"))
     held = [p for p in problems if p.code == "refused"]  # what else went wrong is its consequence: the reason alone
     return Plan(
-        rules, src, config, planned, list(tensors), held or problems, untouched, adapter_config, target_keys, uses
+        rules,
+        src,
+        config,
+        planned,
+        list(tensors),
+        held or problems,
+        untouched,
+        adapter_config,
+        target_keys,
+        uses,
+        parts,
+        notes,
     )
 
 

@@ -1,0 +1,276 @@
+"""Phi-4-multimodal and the Phi vision models (#31), proven by function.
+
+Tiny random models are made by transformers' own ``Phi4MultimodalForCausalLM`` and written back into the
+original remote-code layout (``Phi4MMForCausalLM``: every decoder linear wrapped by PEFT, ``base_layer`` beside
+``lora_A.vision`` …) by the inverse of the table in transformers' ``convert_phi4_multimodal_weights_to_hf.py``,
+with LoRA ranks other than Microsoft's. The CLI converts them; the text model is compared with the native
+class's text logits on both sides of ``original_max_position_embeddings``, and each adapter, loaded by PEFT on
+the text model, with the text weights with that LoRA merged at the checkpoint's own r and alpha.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.models.phi3 import modeling_phi3
+from transformers.models.phi4_multimodal import configuration_phi4_multimodal, modeling_phi4_multimodal
+from transformers.utils import logging as transformers_logging
+
+transformers_logging.disable_progress_bar()
+
+Cli = Callable[..., tuple[int, str, str]]
+LENGTHS = (10, 24)  # both sides of original_max_position_embeddings (16)
+ROTARY = 6  # head_dim 8 x partial_rotary_factor 0.75
+TEXT = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "tie_word_embeddings": True,
+    "sliding_window": 262144,
+}
+SHORT = [1.0 + 0.1 * i for i in range(ROTARY // 2)]
+LONG = [2.0 + 0.3 * i for i in range(ROTARY // 2)]
+# Ranks and alphas other than Microsoft's (256/512 and 320/640), so a hard-coded adapter_config shows.
+LORAS = {  # each section as config.json has it (its layer regex as the release writes it)
+    "vision": {
+        "dp": 0.0,
+        "lora_alpha": 12,
+        "r": 6,
+        "layer": r"layers.*((self_attn\.(qkv_proj|o_proj))|(mlp\.(gate_up|down)_proj))",
+    },
+    "speech": {
+        "dp": 0.01,
+        "lora_alpha": 10,
+        "r": 5,
+        "layer": r"((layers.*self_attn\.(qkv|o)_proj)|(layers.*mlp\.(gate_up|down)_proj))",
+    },
+}
+# The inverse of transformers' STATE_DICT_MAPPING (original name -> native name): native -> original.
+AUDIO, IMAGE = r"model\.embed_tokens_extend\.audio_embed", r"model\.embed_tokens_extend\.image_embed"
+ENCODER_NAMES = [
+    (rf"^({AUDIO}\.encoder\.encoders\.\d+\.feed_forward_(?:in|out))\.gate_up_proj", r"\1.net.0.linear"),
+    (rf"^({AUDIO}\.encoder\.encoders\.\d+\.feed_forward_(?:in|out))\.down_proj", r"\1.net.2"),
+    (rf"^({AUDIO}\.encoder\.encoders\.\d+\.self_attn)\.(q|k|v)_proj", r"\1.linear_\2"),
+    (rf"^({AUDIO}\.encoder\.encoders\.\d+\.self_attn)\.o_proj", r"\1.linear_out"),
+    (rf"^({IMAGE})\.img_projection_up", r"\1.img_projection.0"),
+    (rf"^({IMAGE})\.img_projection_down", r"\1.img_projection.2"),
+    (rf"^({IMAGE})\.global_img_feature_extensor", r"\1.glb_GN"),
+    (rf"^({IMAGE})\.sub_img_feature_extensor", r"\1.sub_GN"),
+    (rf"^({AUDIO})\.up_proj_for_speech", r"\1.audio_projection.speech.0"),
+    (rf"^({AUDIO})\.down_proj_for_speech", r"\1.audio_projection.speech.2"),
+    (rf"^({AUDIO})\.up_proj_for_vision_speech", r"\1.audio_projection.vision.0"),
+    (rf"^({AUDIO})\.down_proj_for_vision_speech", r"\1.audio_projection.vision.2"),
+]
+WRAPPED = re.compile(r"model\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)\.weight")
+
+
+def native_model(seed: int = 0) -> modeling_phi4_multimodal.Phi4MultimodalForCausalLM:
+    """A tiny random Phi-4-multimodal: Phi-4-mini's text shape (partial rotary, longrope, tied embeddings)."""
+    torch.manual_seed(seed)
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": SHORT,
+        "long_factor": LONG,
+        "original_max_position_embeddings": 16,
+        "partial_rotary_factor": 0.75,
+    }
+    vision = {
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+        "crop_size": 28,
+        "image_token_id": 90,
+    }
+    audio = {
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_blocks": 1,
+        "num_attention_heads": 2,
+        "ext_pw_out_channel": 16,
+        "depthwise_separable_out_channel": 16,
+        "nemo_conv_channels": 16,
+        "input_size": 8,
+        "audio_token_id": 91,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = configuration_phi4_multimodal.Phi4MultimodalConfig(
+            **TEXT, rope_parameters=rope, original_max_position_embeddings=16, vision_config=vision, audio_config=audio
+        )
+    model = modeling_phi4_multimodal.Phi4MultimodalForCausalLM(config).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def remote_config(loras: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """config.json as Phi-4-multimodal-instruct's remote code has it (model_type phi4mm, 4.x rope fields)."""
+    return {
+        **TEXT,
+        "architectures": ["Phi4MMForCausalLM"],
+        "auto_map": {"AutoModelForCausalLM": "modeling_phi4mm.Phi4MMForCausalLM"},
+        "model_type": "phi4mm",
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-05,
+        "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 16,
+        "rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+        "rope_theta": 10000.0,
+        "embd_layer": {"embedding_cls": "image_audio", "image_embd_layer": {"crop_size": 28}, "audio_embd_layer": {}},
+        "img_processor": None,
+        **{f"{name}_lora": section for name, section in loras.items()},
+    }
+
+
+def remote_checkpoint(
+    model: modeling_phi4_multimodal.Phi4MultimodalForCausalLM,
+    folder: Path,
+    loras: dict[str, dict[str, Any]] = LORAS,
+    seed: int = 1,
+) -> dict[str, torch.Tensor]:
+    """The model written back in the original layout, with random LoRAs of the given ranks on every decoder
+    linear; returns the state dict written."""
+    torch.manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied: the original checkpoint does not hold it
+            continue
+        for pattern, original in ENCODER_NAMES:
+            name = re.sub(pattern, original, name)
+        if WRAPPED.fullmatch(name):
+            module = name.removesuffix(".weight")
+            state[f"{module}.base_layer.weight"] = tensor.clone()
+            for lora, section in loras.items():
+                state[f"{module}.lora_A.{lora}.weight"] = torch.randn(section["r"], tensor.shape[1]) * 0.3
+                state[f"{module}.lora_B.{lora}.weight"] = torch.randn(tensor.shape[0], section["r"]) * 0.3
+        else:
+            state[name] = tensor.clone()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(remote_config(loras), indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 7]}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    return state
+
+
+def logits(model: torch.nn.Module, length: int) -> torch.Tensor:
+    ids = torch.arange(length).remainder(90).unsqueeze(0) + 3
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def merged(text: modeling_phi3.Phi3ForCausalLM, state: dict[str, torch.Tensor], lora: str) -> torch.nn.Module:
+    """The text model with one LoRA merged into its weights at the checkpoint's own scale, alpha / r."""
+    section = LORAS[lora]
+    scale = section["lora_alpha"] / section["r"]
+    weights = {k: v.clone() for k, v in text.state_dict().items()}
+    for name in weights:
+        if WRAPPED.fullmatch(name):
+            module = name.removesuffix(".weight")
+            weights[name] += scale * state[f"{module}.lora_B.{lora}.weight"] @ state[f"{module}.lora_A.{lora}.weight"]
+    result = modeling_phi3.Phi3ForCausalLM(text.config).eval()
+    result.load_state_dict(weights, strict=False)
+    result.tie_weights()
+    return result
+
+
+def load_strict(folder: Path) -> modeling_phi3.Phi3ForCausalLM:
+    model, info = modeling_phi3.Phi3ForCausalLM.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def peft_on(text: torch.nn.Module, adapter: Path) -> torch.nn.Module:
+    """PEFT's own model with the adapter folder loaded; every tensor of the file is one PEFT expects."""
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    wanted = set(
+        get_peft_model_state_dict(
+            get_peft_model(
+                _copy(text),
+                LoraConfig(
+                    **{k: v for k, v in settings.items() if k in LoraConfig.__dataclass_fields__ and k != "peft_type"}
+                ),
+            )
+        )
+    )
+    assert set(load_file(adapter / "adapter_model.safetensors")) == wanted
+    return PeftModel.from_pretrained(_copy(text), adapter).eval()
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    fresh = type(model)(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, torch.Tensor], Path, str]:
+    from phi_rules.cli import main
+
+    root = tmp_path_factory.mktemp("phi4mm")
+    native = native_model()
+    state = remote_checkpoint(native, root / "remote")
+    out = root / "text"
+    assert main(["apply", "--source", str(root / "remote"), "--to", "phi3", "--out", str(out), "--quiet"]) == 0
+    return native, state, out, ""
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_text_model_gives_the_native_text_logits(converted: Any, length: int) -> None:
+    native, _, out, _ = converted
+    text = load_strict(out)
+    delta = (logits(text, length) - logits(native, length)).abs().max().item()
+    assert delta <= 1e-5
+
+
+def test_text_model_config_and_side_files(converted: Any) -> None:
+    _, _, out, _ = converted
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "phi3" and config["architectures"] == ["Phi3ForCausalLM"]
+    assert config["tie_word_embeddings"] is True
+    assert config["rope_parameters"]["partial_rotary_factor"] == 0.75
+    assert config["rope_parameters"]["original_max_position_embeddings"] == 16
+    assert not {"vision_lora", "speech_lora", "embd_layer", "auto_map"} & set(config)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
+    assert (out / "tokenizer_config.json").exists()
+    assert not [n for n in load_file(out / "model.safetensors") if "embed_tokens_extend" in n or "lora" in n]
+
+
+@pytest.mark.parametrize("lora", ["vision", "speech"])
+def test_adapters_equal_the_merged_lora(converted: Any, lora: str) -> None:
+    _, state, out, _ = converted
+    adapter = out / f"{lora}-lora"
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    section = LORAS[lora]
+    assert (settings["r"], settings["lora_alpha"], settings["lora_dropout"]) == (
+        section["r"],
+        section["lora_alpha"],
+        section["dp"],
+    )
+    text = load_strict(out)
+    reference = merged(text, state, lora)
+    for length in LENGTHS:
+        got = logits(peft_on(text, adapter), length)
+        assert (got - logits(reference, length)).abs().max().item() <= 1e-5
+        assert (got - logits(text, length)).abs().max().item() > 1e-2  # the LoRA really changes the function
