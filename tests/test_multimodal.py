@@ -274,3 +274,62 @@ def test_adapters_equal_the_merged_lora(converted: Any, lora: str) -> None:
         got = logits(peft_on(text, adapter), length)
         assert (got - logits(reference, length)).abs().max().item() <= 1e-5
         assert (got - logits(text, length)).abs().max().item() > 1e-2  # the LoRA really changes the function
+
+
+def test_a_fine_tune_without_the_speech_lora_converts_and_says_so(cli: Cli, tmp_path: Path) -> None:
+    native = native_model()
+    state = remote_checkpoint(native, tmp_path / "remote", loras={"vision": LORAS["vision"]})
+    code, _, err = cli("apply", "--source", tmp_path / "remote", "--to", "phi3", "--out", tmp_path / "out")
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "speech-lora" in line]
+    assert len(said) == 1 and "speech-lora/ not written: the source has no speech LoRA" in said[0], err
+    assert not (tmp_path / "out" / "speech-lora").exists()
+    text = load_strict(tmp_path / "out")
+    got = logits(peft_on(text, tmp_path / "out" / "vision-lora"), LENGTHS[1])
+    assert (got - logits(merged(text, state, "vision"), LENGTHS[1])).abs().max().item() <= 1e-5
+
+
+def _broken(folder: Path, change: Callable[[dict[str, torch.Tensor], dict[str, Any]], None]) -> Path:
+    remote_checkpoint(native_model(), folder)
+    state, config = load_file(folder / "model.safetensors"), json.loads((folder / "config.json").read_text())
+    change(state, config)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            lambda s, c: s.pop("model.layers.1.mlp.down_proj.lora_B.speech.weight"),
+            "refused: part speech-lora: base_model.model.model.layers.1.mlp.down_proj has lora_A but no lora_B",
+        ),
+        (
+            lambda s, c: s.pop("model.layers.0.self_attn.o_proj.lora_A.vision.weight"),
+            "refused: part vision-lora: base_model.model.model.layers.0.self_attn.o_proj has lora_B but no lora_A",
+        ),
+        (
+            lambda s, c: c["vision_lora"].update(r=7),
+            "refused: part vision-lora: base_model.model.model.layers.0.mlp.down_proj (and 15 more matrices) has "
+            "rank 6 where the config's r is 7",
+        ),
+    ],
+    ids=["speech-without-b", "vision-without-a", "rank-not-the-configs"],
+)
+def test_a_broken_lora_is_refused_with_nothing_written(cli: Cli, tmp_path: Path, change: Any, said: str) -> None:
+    source = _broken(tmp_path / "remote", change)
+    code, _, err = cli("apply", "--source", source, "--to", "phi3", "--out", tmp_path / "out")
+    assert code == 1 and said in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["remote"]  # no partial folder either
+
+
+def test_force_replaces_an_output_with_its_adapter_folders_and_nothing_else(cli: Cli, tmp_path: Path) -> None:
+    remote_checkpoint(native_model(), tmp_path / "remote")
+    args = ("apply", "--source", tmp_path / "remote", "--to", "phi3", "--out", tmp_path / "out", "--force")
+    assert cli(*args)[0] == 0 and cli(*args)[0] == 0
+    (tmp_path / "out" / "vision-lora" / "notes.txt").write_text("mine")
+    code, _, err = cli(*args)
+    assert code == 1 and "(vision-lora/: it holds 'notes.txt', which phi-rules does not write)" in err
+    assert (tmp_path / "out" / "vision-lora" / "notes.txt").read_text() == "mine"

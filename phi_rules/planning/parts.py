@@ -52,16 +52,21 @@ def _lora_problems(shapes: Mapping[str, tuple[int, ...]], rank: object) -> list[
             head, sep, _ = name.partition(f".{matrix}.")
             if sep:
                 modules.setdefault(head, {})[matrix] = shape
-    found = []
-    for module, matrices in modules.items():
+    found, ranks = [], []
+    for module, matrices in sorted(modules.items()):
         lacking = [m for m in _MATRICES if m not in matrices]
         if lacking:
             found.append(f"{module} has {', '.join(matrices)} but no {lacking[0]}: a LoRA needs both")
             continue
-        for matrix, axis in _MATRICES.items():
-            shape = matrices[matrix]
-            if isinstance(rank, int) and len(shape) == 2 and shape[axis] != rank:
-                found.append(f"{module}.{matrix} has rank {shape[axis]} where the config's r is {rank}")
+        ranks += [
+            (module, shape[axis])
+            for matrix, axis in _MATRICES.items()
+            if len(shape := matrices[matrix]) == 2 and isinstance(rank, int) and shape[axis] != rank
+        ]
+    if ranks:
+        found.append(
+            f"{ranks[0][0]} (and {len(ranks) - 1} more matrices) has rank {ranks[0][1]} where the config's r is {rank}"
+        )
     return found
 
 
@@ -95,6 +100,6 @@ def split(
         config = _config(part, env, problems)
         shapes = {t.name: t.shape for t in members[name]}
         for problem in _lora_problems(shapes, config.get("r")):
-            problems.append(part.where.error(f"refused: part {name}: {problem}", "part"))
+            problems.append(part.where.error(f"refused: part {name}: {problem}", "refused"))
         planned.append(PartPlan(name, members[name], config))
     return own, planned, notes
