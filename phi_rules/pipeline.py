@@ -270,8 +270,8 @@ def _convert(
     warn: Callable[[str], None],
     progress: Callable[[Plan], Progress],
 ) -> Plan:
-    extra = [*(f.name for f in rules.source.extra_files), *TOKENIZER_FILES]
-    destination.prepare(out, options.force, extra, [p.name for p in rules.target.parts])
+    names = [*(f.name for f in rules.source.extra_files), *TOKENIZER_FILES]
+    destination.prepare(out, options.force, names, [p.name for p in rules.target.parts])
     _check_device(options.device)
     resolved = resolve(rules, options.source)
     files = [*resolved.weights, *resolved.extras, *([resolved.config_path] if resolved.config_path else [])]
