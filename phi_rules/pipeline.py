@@ -57,7 +57,8 @@ def checked(plan: Plan, dtype: str | None) -> Any:
             problems += expected.uses + target.check_against_target(plan, expected.shapes, expected.tied)
             for part in [] if problems else plan.parts:  # each adapter part as PEFT saves it on the target
                 shown = replace(plan, tensors=part.tensors, adapter_config=part.adapter_config)
-                problems += target.check_against_target(shown, target.expected_adapter_parameters(shown, config))
+                found = target.check_against_target(shown, target.expected_adapter_parameters(shown, config))
+                problems += [replace(p, message=f"part {part.name}, as PEFT reads it: {p.message}") for p in found]
     if problems:
         raise PhiRulesError(problems)
     return config

@@ -314,8 +314,13 @@ def _broken(folder: Path, change: Callable[[dict[str, torch.Tensor], dict[str, A
             "refused: part vision-lora: base_model.model.model.layers.0.mlp.down_proj (and 15 more matrices) has "
             "rank 6 where the config's r is 7",
         ),
+        (
+            lambda s, c: c["vision_lora"].update(layer=r"layers.*self_attn\.(qkv_proj|o_proj)"),
+            "target: part vision-lora, as PEFT reads it: the plan produces 8 tensor(s) Phi3ForCausalLM does not have: "
+            "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight",
+        ),
     ],
-    ids=["speech-without-b", "vision-without-a", "rank-not-the-configs"],
+    ids=["speech-without-b", "vision-without-a", "rank-not-the-configs", "layer-regex-not-the-tensors"],
 )
 def test_a_broken_lora_is_refused_with_nothing_written(cli: Cli, tmp_path: Path, change: Any, said: str) -> None:
     source = _broken(tmp_path / "remote", change)
@@ -333,3 +338,76 @@ def test_force_replaces_an_output_with_its_adapter_folders_and_nothing_else(cli:
     code, _, err = cli(*args)
     assert code == 1 and "(vision-lora/: it holds 'notes.txt', which phi-rules does not write)" in err
     assert (tmp_path / "out" / "vision-lora" / "notes.txt").read_text() == "mine"
+
+
+def vision_checkpoint(folder: Path, seed: int = 0) -> modeling_phi3.Phi3ForCausalLM:
+    """A Phi-3.5-vision-style checkpoint: a tiny Phi3 text model (longrope) and, under model.vision_embed_tokens,
+    transformers' own CLIPVisionModel with the separators and projection of the remote code; config.json in
+    the remote code's 2024 form (rope_scaling type su). Returns the text model, the reference."""
+    from transformers.models.clip import configuration_clip, modeling_clip
+    from transformers.models.phi3 import configuration_phi3
+
+    torch.manual_seed(seed)
+    text = {**TEXT, "num_key_value_heads": 4, "tie_word_embeddings": False}
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.1 * i for i in range(4)],
+        "long_factor": [2.0 + 0.3 * i for i in range(4)],
+        "original_max_position_embeddings": 16,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = configuration_phi3.Phi3Config(**text, rope_parameters=rope, original_max_position_embeddings=16)
+    model = modeling_phi3.Phi3ForCausalLM(config).eval()
+    clip = modeling_clip.CLIPVisionModel(
+        configuration_clip.CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+    )
+    for p in [*model.parameters(), *clip.parameters()]:
+        torch.nn.init.normal_(p, std=0.2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state |= {f"model.vision_embed_tokens.img_processor.{k}": v.clone() for k, v in clip.state_dict().items()}
+    state |= {
+        "model.vision_embed_tokens.glb_GN": torch.randn(1, 1, 64),
+        "model.vision_embed_tokens.sub_GN": torch.randn(1, 1, 1, 64),
+        "model.vision_embed_tokens.img_projection.0.weight": torch.randn(32, 64),
+        "model.vision_embed_tokens.img_projection.0.bias": torch.randn(32),
+        "model.vision_embed_tokens.img_projection.2.weight": torch.randn(32, 32),
+        "model.vision_embed_tokens.img_projection.2.bias": torch.randn(32),
+    }
+    folder.mkdir(parents=True)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    remote = {
+        **text,
+        "architectures": ["Phi3VForCausalLM"],
+        "model_type": "phi3_v",
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]},
+        "original_max_position_embeddings": 16,
+        "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp"},
+        "img_processor": {"image_dim_out": 16, "model_name": "openai/clip-vit-large-patch14-336", "num_img_tokens": 4},
+    }
+    (folder / "config.json").write_text(json.dumps(remote, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 5]}))
+    return model
+
+
+def test_a_phi35_vision_checkpoint_gives_the_phi3_text_logits(cli: Cli, tmp_path: Path) -> None:
+    reference = vision_checkpoint(tmp_path / "remote")
+    code, out, err = cli("detect", tmp_path / "remote")
+    assert code == 0 and "phi3_v layout: phi-rules apply --source" in out, out + err
+    code, _, err = cli("apply", "--source", tmp_path / "remote", "--to", "phi3", "--out", tmp_path / "out")
+    assert code == 0, err
+    text = load_strict(tmp_path / "out")
+    for length in LENGTHS:
+        assert (logits(text, length) - logits(reference, length)).abs().max().item() <= 1e-5
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
