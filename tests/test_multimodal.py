@@ -79,6 +79,23 @@ ENCODER_NAMES = [
 WRAPPED = re.compile(r"model\.layers\.\d+\.(self_attn\.(qkv|o)_proj|mlp\.(gate_up|down)_proj)\.weight")
 
 
+# The audio section of config.json, as transformers' script reads it (attention_dim is its hidden_size …).
+AUDIO_CONFIG = {
+    "attention_dim": 16,
+    "attention_heads": 2,
+    "linear_units": 24,
+    "num_blocks": 1,
+    "ext_pw_out_channel": 16,
+    "depthwise_separable_out_channel": 16,
+    "input_size": 8,
+    "nemo_conv_settings": {"conv_channels": 16},
+    "relative_attention_bias_args": {"t5_bias_max_distance": 1000, "type": "t5"},
+    "activation": "swish",
+    "time_reduction": 8,
+    "kernel_size": 3,
+}
+
+
 def native_model(seed: int = 0) -> modeling_phi4_multimodal.Phi4MultimodalForCausalLM:
     """A tiny random Phi-4-multimodal: Phi-4-mini's text shape (partial rotary, longrope, tied embeddings)."""
     torch.manual_seed(seed)
@@ -90,11 +107,11 @@ def native_model(seed: int = 0) -> modeling_phi4_multimodal.Phi4MultimodalForCau
         "original_max_position_embeddings": 16,
         "partial_rotary_factor": 0.75,
     }
-    vision = {
-        "hidden_size": 16,
+    vision = {  # SigLIP's head count (16): the remote code's config.json does not say it, no shape shows it
+        "hidden_size": 32,
         "intermediate_size": 24,
         "num_hidden_layers": 1,
-        "num_attention_heads": 2,
+        "num_attention_heads": 16,
         "image_size": 28,
         "patch_size": 14,
         "crop_size": 28,
@@ -135,7 +152,12 @@ def remote_config(loras: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "original_max_position_embeddings": 16,
         "rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG},
         "rope_theta": 10000.0,
-        "embd_layer": {"embedding_cls": "image_audio", "image_embd_layer": {"crop_size": 28}, "audio_embd_layer": {}},
+        "embd_layer": {
+            "embedding_cls": "image_audio",
+            "image_embd_layer": {"crop_size": 28, "hd_transform_order": "sub_glb", "use_hd_transform": True},
+            "audio_embd_layer": {"downsample_rate": 1, "embedding_cls": "audio"},
+        },
+        "audio_processor": {"name": "cascades", "config": AUDIO_CONFIG},
         "img_processor": None,
         **{f"{name}_lora": section for name, section in loras.items()},
     }
@@ -411,3 +433,82 @@ def test_a_phi35_vision_checkpoint_gives_the_phi3_text_logits(cli: Cli, tmp_path
     for length in LENGTHS:
         assert (logits(text, length) - logits(reference, length)).abs().max().item() <= 1e-5
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
+
+
+# transformers' STATE_DICT_MAPPING, original name -> native name (convert_phi4_multimodal_weights_to_hf.py).
+AUDIO_AT, IMAGE_AT = "model.embed_tokens_extend.audio_embed", "model.embed_tokens_extend.image_embed"
+TRANSFORMERS_TABLE = [
+    (
+        rf"^{AUDIO}\.encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.net\.0\.linear",
+        rf"{AUDIO_AT}.encoder.encoders.\1.feed_forward_\2.gate_up_proj",
+    ),
+    (
+        rf"^{AUDIO}\.encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.net\.2",
+        rf"{AUDIO_AT}.encoder.encoders.\1.feed_forward_\2.down_proj",
+    ),
+    (
+        rf"^{AUDIO}\.encoder\.encoders\.(\d+)\.self_attn\.linear_(q|k|v)",
+        rf"{AUDIO_AT}.encoder.encoders.\1.self_attn.\2_proj",
+    ),
+    (
+        rf"^{AUDIO}\.encoder\.encoders\.(\d+)\.self_attn\.linear_out",
+        rf"{AUDIO_AT}.encoder.encoders.\1.self_attn.o_proj",
+    ),
+    (rf"^{IMAGE}\.img_projection\.0", f"{IMAGE_AT}.img_projection_up"),
+    (rf"^{IMAGE}\.img_projection\.2", f"{IMAGE_AT}.img_projection_down"),
+    (rf"^{IMAGE}\.glb_GN", f"{IMAGE_AT}.global_img_feature_extensor"),
+    (rf"^{IMAGE}\.sub_GN", f"{IMAGE_AT}.sub_img_feature_extensor"),
+    (rf"^{AUDIO}\.audio_projection\.speech\.0", f"{AUDIO_AT}.up_proj_for_speech"),
+    (rf"^{AUDIO}\.audio_projection\.speech\.2", f"{AUDIO_AT}.down_proj_for_speech"),
+    (rf"^{AUDIO}\.audio_projection\.vision\.0", f"{AUDIO_AT}.up_proj_for_vision_speech"),
+    (rf"^{AUDIO}\.audio_projection\.vision\.2", f"{AUDIO_AT}.down_proj_for_vision_speech"),
+]
+
+
+def transformers_names(name: str) -> str | None:
+    """Where transformers' script puts an original tensor: its table first, then LoRA tensors dropped and
+    base_layer stripped, else the name as it is."""
+    for pattern, to in TRANSFORMERS_TABLE:
+        new, hits = re.subn(pattern, to, name)
+        if hits:
+            return new
+    if "lora" in name:
+        return None
+    return name.replace("base_layer.", "")
+
+
+def test_native_layout_is_transformers_table_and_loads_strictly(cli: Cli, tmp_path: Path) -> None:
+    native = native_model()
+    state = remote_checkpoint(native, tmp_path / "remote")
+    code, _, err = cli("apply", "--source", tmp_path / "remote", "--to", "phi4-multimodal", "--out", tmp_path / "out")
+    assert code == 0, err
+    expected = {new: t for name, t in state.items() if (new := transformers_names(name)) is not None}
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(written) == set(expected)
+    assert all(torch.equal(written[k], expected[k]) for k in expected)  # bit for bit
+    model, info = modeling_phi4_multimodal.Phi4MultimodalForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True, dtype=torch.float32
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    for length in LENGTHS:
+        assert (logits(model.eval(), length) - logits(native, length)).abs().max().item() <= 1e-5
+    for lora, section in LORAS.items():  # the script's adapter tensors, under PEFT's own prefix
+        adapter = load_file(tmp_path / "out" / f"{lora}-lora" / "adapter_model.safetensors")
+        theirs = {
+            "base_model.model." + k.replace(f"{lora}.", ""): t
+            for k, t in state.items()
+            if f"lora_A.{lora}" in k or f"lora_B.{lora}" in k
+        }
+        assert set(adapter) == set(theirs) and all(torch.equal(adapter[k], theirs[k]) for k in theirs)
+        settings = json.loads((tmp_path / "out" / f"{lora}-lora" / "adapter_config.json").read_text())
+        assert (settings["r"], settings["lora_alpha"]) == (section["r"], section["lora_alpha"])
+
+
+def test_detect_names_the_layout_and_its_targets(cli: Cli, tmp_path: Path) -> None:
+    remote_checkpoint(native_model(), tmp_path / "remote")
+    code, out, _ = cli("detect", tmp_path / "remote")
+    fits = sorted(line.split()[0] for line in out.splitlines() if " yes" in line)
+    assert fits == ["phi4mm-to-phi3", "phi4mm-to-phi4-multimodal"], out
+    code, _, err = cli("apply", "--source", tmp_path / "remote", "--out", tmp_path / "out")
+    assert code == 1 and "converts to phi3, phi4-multimodal: pick one with --to phi3" in err, err
+    assert not (tmp_path / "out").exists()
