@@ -512,3 +512,16 @@ def test_detect_names_the_layout_and_its_targets(cli: Cli, tmp_path: Path) -> No
     code, _, err = cli("apply", "--source", tmp_path / "remote", "--out", tmp_path / "out")
     assert code == 1 and "converts to phi3, phi4-multimodal: pick one with --to phi3" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_shows_each_part_with_its_tensors_and_config(cli: Cli, tmp_path: Path) -> None:
+    remote_checkpoint(native_model(), tmp_path / "remote")
+    code, out, err = cli("plan", "--source", tmp_path / "remote", "--to", "phi3", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["parts"]["speech-lora"]["r"] == LORAS["speech"]["r"]
+    named = {t["name"]: t["sources"] for t in plan["tensors"]}
+    assert named["vision-lora/base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"] == [
+        "model.layers.1.mlp.down_proj.lora_B.vision.weight"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ collected, never raised, so that one run reports them all.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from phi_rules.dtypes import FLOAT_DTYPES, itemsize
 from phi_rules.errors import Diagnostic
@@ -120,6 +120,10 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def all_tensors(self) -> list[PlannedTensor]:
+        """The model's tensors, then each part's under its folder name (``vision-lora/…``)."""
+        return self.tensors + [replace(t, name=f"{p.name}/{t.name}") for p in self.parts for t in p.tensors]
+
     def to_json(self) -> dict[str, object]:
         return {
             "rule": self.rules.name,
@@ -137,8 +141,9 @@ class Plan:
                     "dtype": t.dtype,
                     "steps": list(t.steps),
                 }
-                for t in self.tensors
+                for t in self.all_tensors()
             ],
+            "parts": {p.name: p.adapter_config for p in self.parts},
             "total_bytes": self.total_bytes,
         }
 
