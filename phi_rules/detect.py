@@ -80,7 +80,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> list
     shipped = len(rules_list) - len(extra)
     for n, rules in enumerate(rules_list):
         try:
-            key = (rules.source.files, rules.source.config_file)  # what a rule reads of the source
+            key = (rules.source.files, rules.source.config_file, tuple(rules.source.parts))  # what a rule reads
             if key not in read:
                 read[key] = source_tensors(rules, options.source, lambda _: None)
             tensors, resolved = read[key]

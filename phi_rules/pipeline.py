@@ -287,7 +287,7 @@ def _convert(
     hasher = Hasher(hashed, resolved.pins)  # hashes in the background from here on, pins checked at the end
     tmp = destination.temporary(out)
     try:
-        with _interruptible() as interrupted, Checkpoint(resolved.weights) as ckpt:
+        with _interruptible() as interrupted, Checkpoint(resolved.weights, resolved.prefixes) as ckpt:
             result = make_plan(
                 rules, ckpt.tensors, resolved.config(), options.overrides, options.dtype, resolved.base()
             )

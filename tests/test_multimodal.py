@@ -525,3 +525,44 @@ def test_plan_shows_each_part_with_its_tensors_and_config(cli: Cli, tmp_path: Pa
         "model.layers.1.mlp.down_proj.lora_B.vision.weight"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_native_back_to_the_remote_layout_bit_for_bit(cli: Cli, tmp_path: Path) -> None:
+    state = remote_checkpoint(native_model(), tmp_path / "remote")
+    native = tmp_path / "native"
+    assert cli("apply", "--source", tmp_path / "remote", "--to", "phi4-multimodal", "--out", native)[0] == 0
+    # the native release's adapter keys lack PEFT's prefix: both forms read back
+    speech = native / "speech-lora" / "adapter_model.safetensors"
+    save_file({k.removeprefix("base_model.model."): v for k, v in load_file(speech).items()}, speech)
+    code, _, err = cli("apply", "--source", native, "--to", "phi4mm", "--out", tmp_path / "back")
+    assert code == 0, err
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["model_type"] == "phi4mm" and config["architectures"] == ["Phi4MMForCausalLM"]
+    assert {k: config[f"{k}_lora"] for k in LORAS} == LORAS
+    audio = config["audio_processor"]["config"]
+    assert {k: audio[k] for k in AUDIO_CONFIG} == AUDIO_CONFIG
+    assert config["rope_scaling"] == {"type": "longrope", "short_factor": SHORT, "long_factor": LONG}
+    assert config["partial_rotary_factor"] == 0.75 and "rope_parameters" not in config
+
+
+def test_native_back_without_an_adapter_folder_is_refused(cli: Cli, tmp_path: Path) -> None:
+    remote_checkpoint(native_model(), tmp_path / "remote")
+    native = tmp_path / "native"
+    assert cli("apply", "--source", tmp_path / "remote", "--to", "phi4-multimodal", "--out", native)[0] == 0
+    for f in (native / "speech-lora").iterdir():
+        f.unlink()
+    (native / "speech-lora").rmdir()
+    code, _, err = cli("apply", "--source", native, "--to", "phi4mm", "--out", tmp_path / "back")
+    assert code == 1 and "Traceback" not in err, err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .endswith(
+            "--to phi4mm refused: the folder lacks vision-lora/ or speech-lora/ (adapter_model.safetensors and "
+            "adapter_config.json): the original layout holds both LoRAs in its tensors and both sections in "
+            "config.json, and none is made up (rule phi4-multimodal-to-phi4mm)"
+        )
+    ), err
+    assert not (tmp_path / "back").exists()

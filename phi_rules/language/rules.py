@@ -61,6 +61,7 @@ class Source:
     config_file: str
     extra_files: tuple[FileSpec, ...]
     config_defaults: Mapping[str, expr.Value]
+    parts: Mapping[str, str] = field(default_factory=dict)  # adapter sub-folder -> the field its config is
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,12 @@ def _build_source(data: dict[str, object], base: Path) -> Source:
         files=_file_specs(raw.get("files", [])),
         config_file=raw.get("config_file", "config.json"),
         extra_files=_file_specs(raw.get("extra_files", [])),
-        config_defaults={**dict.fromkeys(raw.get("fields", [])), **raw.get("config_defaults", {})},
+        config_defaults={
+            **dict.fromkeys(raw.get("fields", [])),
+            **dict.fromkeys(raw.get("parts", {}).values()),
+            **raw.get("config_defaults", {}),
+        },
+        parts=dict(raw.get("parts", {})),
     )
 
 
@@ -353,6 +359,8 @@ def _source_names(c: _Checker, raw: object) -> dict[str, str]:
     defaults = defaults if isinstance(defaults, dict) else {}
     fields = given.get("fields")
     fields = fields if isinstance(fields, list) else []
+    parts = given.get("parts")
+    fields = fields + [str(v) for v in (parts.values() if isinstance(parts, dict) else [])]
     for i, name in enumerate(fields):
         if name in defaults:
             c.error(("source", "fields", i), f"{name!r} is declared in fields and in config_defaults: keep one")
