@@ -155,7 +155,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> Dete
     shipped = len(rules_list) - len(extra)
     model_config: Mapping[str, Any] | None = None
     for n, rules in enumerate(rules_list):
-        key = (rules.source.files, rules.source.config_file)  # what a rule reads of the source
+        key = (rules.source.files, rules.source.config_file, tuple(rules.source.parts))  # what a rule reads
         if key not in read:
             try:
                 tensors, resolved = source_tensors(rules, options.source, lambda _: None)

@@ -55,6 +55,10 @@ def checked(plan: Plan, dtype: str | None) -> Any:
             problems = [already]
         elif all(p.code == "unconsumed" for p in problems):  # a failed step would only cascade here
             problems += expected.uses + target.check_against_target(plan, expected.shapes, expected.tied)
+            for part in [] if problems else plan.parts:  # each adapter part as PEFT saves it on the target
+                shown = replace(plan, tensors=part.tensors, adapter_config=part.adapter_config)
+                found = target.check_against_target(shown, target.expected_adapter_parameters(shown, config))
+                problems += [replace(p, message=f"part {part.name}, as PEFT reads it: {p.message}") for p in found]
     if problems:
         raise PhiRulesError(problems)
     return config
@@ -111,6 +115,8 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
     for n in resolved.notes:
         note(n)
     result = _planned(rules, tensors, resolved, options, None)
+    for n in result.notes:
+        note(n)
     dtype = _uniform_dtype(result)
     if remembered.recall(remembered.key(result, dtype)) is None:
         checked(result, dtype)
@@ -337,7 +343,7 @@ def _convert(
     """One rule, top to bottom: the destination, the source (resolved, or as detection found it), the plan and
     its problems, then the bytes beside the target check, verify, and the rename that publishes."""
     carried = [*(f.name for f in rules.source.extra_files), *TOKENIZER_FILES, *_beside(options)]
-    destination.prepare(out, options.force, carried)
+    destination.prepare(out, options.force, carried, [p.name for p in rules.target.parts])
     _check_device(options.device)
     resolved, made = found if found is not None else (resolve(rules, options.source), None)
     files = [*resolved.weights, *resolved.extras, *([resolved.config_path] if resolved.config_path else [])]
@@ -352,13 +358,18 @@ def _convert(
     hasher = Hasher(hashed, resolved.pins)  # hashes in the background from here on, pins checked at the end
     tmp = destination.temporary(out)
     try:
-        with _interruptible() as interrupted, Checkpoint(resolved.weights) as ckpt:
+        with _interruptible() as interrupted, Checkpoint(resolved.weights, resolved.prefixes) as ckpt:
             result = _planned(rules, ckpt.tensors, resolved, options, made)  # nothing written on a problem
             _say_accepted(result, options, warn)
             shown = progress(result)
-            _write_and_check(
-                result, tmp, lambda: output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)
-            )
+            for n in result.notes:
+                note(n)
+
+            def write() -> None:
+                output.write_weights(tmp, result, ckpt, options, resolved, hasher, shown)
+                output.write_parts(tmp, result, ckpt, options, resolved, hasher, shown)
+
+            _write_and_check(result, tmp, write)
             if options.verify is not None:
                 check_function(rules, resolved, tmp, options.verify, out, result.accepted, warn)
             output.write_side_files(tmp, result, resolved, note)

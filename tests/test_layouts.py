@@ -43,8 +43,9 @@ def transformers_436(folder: Path, state: dict[str, torch.Tensor], cfg: MsftConf
     return folder
 
 
-CANDIDATES = 21  # 3 legacy layouts and back to each, 3 legacy adapter layouts and back to 2, today's Phi and
+CANDIDATES = 25  # 3 legacy layouts and back to each, 3 legacy adapter layouts and back to 2, today's Phi and
 # today's Phi adapters, Phi3 to and from Llama/Mistral, 2024 Phi3, Phi3 adapters to Llama's and Mistral's names and back
+# and Phi-4-multimodal (text, native and back) and Phi-3/3.5-vision
 
 
 def table(out: str) -> list[str]:

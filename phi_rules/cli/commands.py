@@ -301,7 +301,7 @@ def plan_command(args: argparse.Namespace) -> int:
             t.moves(),
             ", ".join(t.steps),
         )
-        for t in result.tensors
+        for t in result.all_tensors()
     ]
     show.table(("output", "shape", "dtype", "<- source", "ops", "bytes", "steps"), rows)
     print(

@@ -12,6 +12,7 @@ Grammar (lowest precedence first)::
 Names are config fields or regex groups; ``true``, ``false`` and ``null`` are constants. ``get(obj, 'key')``
 reads a field of a config object (``rope_parameters``), null where it is absent; ``object('k', v, …)``
 builds one (null values left out); ``replace(x, old, new)`` maps a value that was renamed;
+``removeprefix(x, 'model.')`` takes a leading piece off a string;
 ``any(…)`` and ``all(…)`` join conditions.
 """
 
@@ -93,6 +94,7 @@ FUNCTIONS: dict[str, tuple[int, int]] = {
     "get": (2, 2),
     "object": (0, 98),
     "replace": (3, 3),
+    "removeprefix": (2, 2),
     "any": (1, 99),
     "all": (1, 99),
     "if": (3, 3),
@@ -332,6 +334,9 @@ def evaluate(node: Node, env: Mapping[str, Value], shapes: Shapes | None = None)
     if node.func == "replace":  # replace(x, old, new): a value that had another name ('su' is now 'longrope')
         value, old, new = (evaluate(arg, env, shapes) for arg in node.args)
         return new if value == old else value
+    if node.func == "removeprefix":  # removeprefix(x, 'model.'): a name under another root; x unchanged without it
+        text, prefix = (evaluate(arg, env, shapes) for arg in node.args)
+        return text.removeprefix(prefix) if isinstance(text, str) and isinstance(prefix, str) else text
     if node.func == "get":  # a field inside a config object (rope_parameters); null where there is none
         inside: object = evaluate(node.args[0], env, shapes)
         key = evaluate(node.args[1], env, shapes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class Source:
     config_file: str
     extra_files: tuple[FileSpec, ...]
     config_defaults: Mapping[str, expr.Value]
+    parts: Mapping[str, str] = field(default_factory=dict)  # adapter sub-folder -> the field its config is
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,17 @@ class AdapterSpec:
     settable: tuple[str, ...]
     fused: Mapping[str, int] = field(default_factory=dict)  # fused target module -> how many parts it joins
     layer_shift: int = 0  # added to each layers_to_transform index (MixFormer's blocks are layers.1..N: -1)
+
+
+@dataclass(frozen=True)
+class Part:
+    """``target.parts``: a sub-folder written beside the model, a PEFT adapter of the target. It takes the
+    tensors whose output names the steps begin with ``name/``; its adapter_config.json is computed."""
+
+    name: str
+    adapter_config: Mapping[str, expr.Node]
+    absent: str | None  # why a source may lack it (then a note says so); None: its tensors are required
+    where: Where
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class Target:
     uses: Mapping[str, expr.Node] = field(default_factory=dict)  # model attributes -> what the source means
     uses_where: Mapping[str, Where] = field(default_factory=dict)
     remote_code: bool = False  # config.json written as the values say: no transformers class has the layout
+    parts: tuple[Part, ...] = ()  # sub-folders beside the model, each with its own tensors
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -128,7 +141,12 @@ def _build_source(data: dict[str, object], base: Path) -> Source:
         files=_file_specs(raw.get("files", [])),
         config_file=raw.get("config_file", "config.json"),
         extra_files=_file_specs(raw.get("extra_files", [])),
-        config_defaults={**dict.fromkeys(raw.get("fields", [])), **raw.get("config_defaults", {})},
+        config_defaults={
+            **dict.fromkeys(raw.get("fields", [])),
+            **dict.fromkeys(raw.get("parts", {}).values()),
+            **raw.get("config_defaults", {}),
+        },
+        parts=dict(raw.get("parts", {})),
     )
 
 
@@ -141,6 +159,8 @@ def _source_names(c: Checker, raw: object) -> dict[str, str]:
     defaults = defaults if isinstance(defaults, dict) else {}
     fields = given.get("fields")
     fields = fields if isinstance(fields, list) else []
+    parts = given.get("parts")
+    fields = fields + [str(v) for v in (parts.values() if isinstance(parts, dict) else [])]
     for i, name in enumerate(fields):
         if name in defaults:
             c.error(("source", "fields", i), f"{name!r} is declared in fields and in config_defaults: keep one")
@@ -182,6 +202,28 @@ def _build_target(c: Checker, data: dict[str, object], source_names: Mapping[str
         {k: c.where(("target", "uses", k)) for k in raw.get("uses", {})},
         remote,
     )
+
+
+def _build_parts(c: Checker, data: dict[str, Any], known: Mapping[str, str]) -> tuple[Part, ...]:
+    """``target.parts``: each part's adapter_config fields, expressions over every value a step may read."""
+    raw = data.get("target")
+    parts = raw.get("parts") if isinstance(raw, dict) and c.ok(("target", "parts")) else None
+    if not isinstance(parts, dict):
+        return ()
+    built = []
+    for name, body in parts.items():
+        path: YPath = ("target", "parts", name, "adapter_config")
+        fields = {k: c.parse_expr((*path, k), v, known) for k, v in body["adapter_config"].items()}
+        absent = body.get("absent")
+        built.append(
+            Part(
+                str(name),
+                {k: n for k, n in fields.items() if n is not None},
+                " ".join(str(absent).split()) if absent is not None else None,
+                c.where(("target", "parts", name)),
+            )
+        )
+    return tuple(built)
 
 
 def _adapter_spec(raw: dict[str, Any] | None) -> AdapterSpec | None:
@@ -301,6 +343,7 @@ def _check(
     known = {**source_names, **{str(k): "target config" for k in (raw_config if isinstance(raw_config, dict) else {})}}
     lets = _build_lets(c, data, known)
     refusals = _build_refusals(c, data, {**known, **dict.fromkeys(lets, "let")})
+    parts = _build_parts(c, data, {**known, **dict.fromkeys(lets, "let")})
     steps: list[Step | None] = []
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
     assert isinstance(raw_steps, list)
@@ -317,7 +360,7 @@ def _check(
         data["name"],
         data.get("description", ""),
         source,
-        target,
+        replace(target, parts=parts),
         lets,
         {k: c.where(("let", k)) for k in lets},
         tuple(s for s in steps if s is not None),

@@ -9,13 +9,14 @@ collected, never raised, so that one run reports them all.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from phi_rules.dtypes import FLOAT_DTYPES, itemsize
 from phi_rules.errors import Diagnostic, did_you_mean
 from phi_rules.language import expr, ops, regex, template
 from phi_rules.language.rules import Rules
 from phi_rules.language.steps import Drop, Rename, Step, Transform
+from phi_rules.planning.parts import PartPlan, split
 from phi_rules.source.header import TensorInfo
 
 SHOW = 20  # at most this many keys named per problem class; the rest are counted
@@ -130,10 +131,16 @@ class Plan:
     overridden: tuple[str, ...] = ()  # the target config keys that --set gave
     uses: dict[str, expr.Value] = field(default_factory=dict)  # model attribute -> the value the source means
     accepted: list[Accepted] = field(default_factory=list)  # refusals that held and --accept named
+    parts: list[PartPlan] = field(default_factory=list)  # sub-folders beside the model (target.parts)
+    notes: list[str] = field(default_factory=list)  # what the user should know: a part the source lacks
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def all_tensors(self) -> list[PlannedTensor]:
+        """The model's tensors, then each part's under its folder name (``vision-lora/…``)."""
+        return self.tensors + [replace(t, name=f"{p.name}/{t.name}") for p in self.parts for t in p.tensors]
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -152,8 +159,9 @@ class Plan:
                     "dtype": t.dtype,
                     "steps": list(t.steps),
                 }
-                for t in self.tensors
+                for t in self.all_tensors()
             ],
+            "parts": {p.name: p.adapter_config for p in self.parts},
             "total_bytes": self.total_bytes,
         }
 
@@ -439,6 +447,7 @@ def make_plan(
         PlannedTensor(n, e.value, e.shape, out_dtype if out_dtype and e.dtype in FLOAT_DTYPES else e.dtype, e.steps)
         for n, e in final.items()
     ]
+    planned, parts, notes = split(rules, planned, env, problems)
     adapter_config = None
     if rules.target.adapter is not None:
         from phi_rules.planning.adapter import converted
@@ -471,6 +480,8 @@ def make_plan(
         target_keys,
         uses,
         accepted,
+        parts,
+        notes,
     )
 
 

@@ -29,7 +29,7 @@ FILES = ("config.json", "adapter_config.json")
 def key(plan: Plan, dtype: str | None) -> str | None:
     """The check's identity, or None when it is not remembered: for adapters (small; their check needs PEFT)
     and where transformers is not installed as a distribution."""
-    if plan.adapter_config is not None:
+    if plan.adapter_config is not None or plan.parts:  # parts: adapters too
         return None
     try:
         versions = [metadata.version(d) for d in ("transformers", "huggingface_hub")]

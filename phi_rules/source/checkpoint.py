@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,12 +94,16 @@ def read_into(fd: int, view: memoryview, offset: int) -> int:
 class Checkpoint:
     """All tensors of a set of weight files, with lazy access to each tensor's data."""
 
-    def __init__(self, files: Iterable[Path]) -> None:
+    def __init__(self, files: Iterable[Path], prefixes: Mapping[Path, str] | None = None) -> None:
+        """``prefixes``: safetensors files whose tensor names get a prefix (an adapter folder read with its model)."""
         self.tensors: dict[str, TensorInfo] = {}
         self._bins: dict[str, dict[str, torch.Tensor]] = {}
         self._fds: dict[str, int] = {}
         for path in files:
             found = self._read(Path(path))
+            prefix = (prefixes or {}).get(Path(path), "")
+            if prefix:
+                found = {prefix + name: replace(info, name=prefix + name) for name, info in found.items()}
             for name, info in found.items():
                 if name in self.tensors:
                     raise PhiRulesError(f"tensor {name!r} is in both {self.tensors[name].file} and {info.file}")

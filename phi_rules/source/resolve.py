@@ -60,6 +60,8 @@ class ResolvedSource:
     where: str = ""  # where they were looked for
     base_config: Path | None = None  # an adapter's base model's config.json (--base): fields the adapter lacks
     unlisted: tuple[Path, ...] = ()  # a local folder's other files, neither weights nor named by the rule
+    prefixes: dict[Path, str] = field(default_factory=dict)  # adapter folders' weights -> their tensors' prefix
+    part_configs: dict[str, Path] = field(default_factory=dict)  # source field -> an adapter folder's config
 
     def has_tokenizer(self) -> bool:
         """Whether the extra files make a tokenizer that transformers (and so vLLM, llama.cpp) can load."""
@@ -67,7 +69,11 @@ class ResolvedSource:
         return bool({"tokenizer.json", "tokenizer.model"} & names) or {"vocab.json", "merges.txt"} <= names
 
     def config(self) -> dict[str, Any] | None:
-        return _json_object(self.config_path, "source") if self.config_path is not None else None
+        """The source's config.json, with each adapter folder's adapter_config.json under its field name."""
+        found = _json_object(self.config_path, "source") if self.config_path is not None else None
+        if found is None or not self.part_configs:
+            return found
+        return {**found, **{k: _json_object(p, "adapter") for k, p in self.part_configs.items()}}
 
     def base(self) -> dict[str, Any] | None:
         """An adapter's base model's config (``--base``): the fields a rule reads that the adapter lacks."""
@@ -88,6 +94,7 @@ def _json_object(path: Path, what: str) -> dict[str, Any]:
 
 
 # --- local folders ---------------------------------------------------------------------------------
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # an adapter folder read with its model
 WEIGHT_NAMES = (
     "model.safetensors.index.json",
     "model.safetensors",
@@ -441,7 +448,19 @@ def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
         kept = tuple(p for p in resolved.extras if p.name not in TOKENIZER_FILES)
         others = tuple(p for p in resolved.unlisted if p.name not in TOKENIZER_FILES)
         resolved = replace(resolved, extras=kept + files, notes=resolved.notes + notes, unlisted=others)
-    return _noting_absent(_with_base(resolved, opts), opts)
+    return _noting_absent(_with_base(_with_parts(resolved, rules), opts), opts)
+
+
+def _with_parts(resolved: ResolvedSource, rules: Rules) -> ResolvedSource:
+    """``source.parts``: the adapter folders beside a local model, read with it; a folder that is not there
+    leaves its config field null, for the rule to refuse or accept."""
+    if not rules.source.parts or resolved.revision is not None or not resolved.where:
+        return resolved
+    root = Path(resolved.where)
+    there = [p for p in rules.source.parts if all((root / p / f).is_file() for f in ADAPTER_FILES)]
+    weights = {root / p / ADAPTER_FILES[0]: f"{p}/" for p in there}
+    configs = {rules.source.parts[p]: root / p / ADAPTER_FILES[1] for p in there}
+    return replace(resolved, weights=(*resolved.weights, *weights), prefixes=weights, part_configs=configs)
 
 
 def _with_base(resolved: ResolvedSource, opts: SourceOptions) -> ResolvedSource:
@@ -537,5 +556,5 @@ def source_tensors(
         with Checkpoint(resolved.weights) as local:
             return {**tensors, **local.tensors}, resolved
     resolved = resolve(rules, src)
-    with Checkpoint(resolved.weights) as ckpt:
+    with Checkpoint(resolved.weights, resolved.prefixes) as ckpt:
         return dict(ckpt.tensors), resolved

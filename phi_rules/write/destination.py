@@ -57,11 +57,17 @@ def _written_by_us(path: Path) -> bool:
         return False
 
 
-def _foreign(folder: Path, extra_names: Iterable[str]) -> str | None:
-    """Why a non-empty folder does not look like an output of ours (None when it does)."""
+def _foreign(folder: Path, extra_names: Iterable[str], parts: Iterable[str] = ()) -> str | None:
+    """Why a non-empty folder does not look like an output of ours (None when it does); ``parts``: the
+    sub-folders the rule writes (target.parts), each an output of ours too."""
     known = {*_WEIGHTS, *_CONFIGS, *extra_names}
     shards = []
     for entry in folder.iterdir():
+        if entry.name in parts and not entry.is_symlink() and entry.is_dir():
+            inside = _foreign(entry, extra_names)
+            if inside is not None:
+                return f"{entry.name}/: {inside}"
+            continue
         if entry.is_symlink() or not entry.is_file():
             return f"it holds {entry.name!r}, which is not a file phi-rules writes"
         is_shard = entry.name.startswith("model-") and entry.name.endswith(".safetensors")
@@ -76,15 +82,16 @@ def _foreign(folder: Path, extra_names: Iterable[str]) -> str | None:
     return None
 
 
-def prepare(out: Path, force: bool, extra_names: Iterable[str]) -> None:
-    """Refuse a file, or a non-empty folder without --force; --force replaces only a previous output of ours."""
+def prepare(out: Path, force: bool, extra_names: Iterable[str], parts: Iterable[str] = ()) -> None:
+    """Refuse a file, or a non-empty folder without --force; --force replaces only a previous output of ours
+    (with its ``parts`` sub-folders)."""
     if out.exists() and not out.is_dir():
         raise PhiRulesError(f"{out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not force:
         raise PhiRulesError(f"{out}: folder exists and is not empty (use --force to replace a previous output)")
-    why = _foreign(out, extra_names)
+    why = _foreign(out, extra_names, set(parts))
     if why is not None:
         raise PhiRulesError(
             f"{out}: --force replaces only a previous phi-rules output, and this folder is not one ({why}); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,24 @@ def write_weights(
         writer.finish(_metadata(result.rules, resolved, hasher.result(), said))
     finally:
         writer.close()
+
+
+def write_parts(
+    folder: Path,
+    result: Plan,
+    ckpt: Checkpoint,
+    options: Options,
+    resolved: ResolvedSource,
+    hasher: Hasher,
+    progress: Progress,
+) -> None:
+    """Each part of the plan (``target.parts``) into its sub-folder: a PEFT adapter's weights and config."""
+    for part in result.parts:
+        sub = folder / part.name
+        sub.mkdir()
+        planned = replace(result, tensors=part.tensors, adapter_config=part.adapter_config, parts=[])
+        write_weights(sub, planned, ckpt, replace(options, format="safetensors"), resolved, hasher, progress)
+        (sub / "adapter_config.json").write_text(json.dumps(part.adapter_config, indent=2, sort_keys=True) + "\n")
 
 
 def _source_order(move: tuple[PlannedTensor, list[Segment], str]) -> tuple[str, int]:
