@@ -19,21 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from phi_rules.errors import Diagnostic, PhiRulesError
-    from phi_rules.language.rules import Rules, load_rules
+    from phi_rules.language.rules import Rule, load_rules
     from phi_rules.options import Options, SourceOptions
     from phi_rules.pipeline import convert, plan
 
 _WHERE = {
     "Diagnostic": "phi_rules.errors",
     "PhiRulesError": "phi_rules.errors",
-    "Rules": "phi_rules.language.rules",
+    "Rule": "phi_rules.language.rules",
     "load_rules": "phi_rules.language.rules",
     "Options": "phi_rules.options",
     "SourceOptions": "phi_rules.options",
     "convert": "phi_rules.pipeline",
     "plan": "phi_rules.pipeline",
 }
-__all__ = ["Diagnostic", "Options", "PhiRulesError", "Rules", "SourceOptions", "convert", "load_rules", "plan"]
+__all__ = ["Diagnostic", "Options", "PhiRulesError", "Rule", "SourceOptions", "convert", "load_rules", "plan"]
 
 
 def __getattr__(name: str) -> Any:

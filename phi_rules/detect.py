@@ -19,7 +19,7 @@ from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
 from phi_rules.language import expr
 from phi_rules.language.document import RULES_DIR, load_document
 from phi_rules.language.regex import literal_prefix
-from phi_rules.language.rules import Rules, load_rules, rule_files
+from phi_rules.language.rules import Rule, load_rules, rule_files
 from phi_rules.language.steps import Drop, Rename
 from phi_rules.options import Options
 from phi_rules.planning.planner import Plan, make_plan
@@ -35,7 +35,7 @@ class Fit:
     are what detection made of it (``source`` where it was resolved in full, as a conversion resolves it), so
     that the conversion it picks reads and plans nothing twice."""
 
-    rules: Rules
+    rules: Rule
     reason: str
     refusal: str = ""  # a refusal of the rule that holds for this source (none that names another model type)
     reads: bool = True  # every source tensor is consumed and no refusal says the source is another model type
@@ -72,7 +72,7 @@ class Detection:
     tensors: tuple[str, ...] = ()
 
 
-def candidates(extra: Sequence[Path] = ()) -> list[Rules]:
+def candidates(extra: Sequence[Path] = ()) -> list[Rule]:
     """The shipped detection candidates, then the user's rules (every file checked first)."""
     shipped = []
     for f in rule_files([RULES_DIR]):
@@ -85,7 +85,7 @@ def candidates(extra: Sequence[Path] = ()) -> list[Rules]:
     return shipped + [load_rules(f) for f in extra]
 
 
-def _patterns(rules: Rules) -> list[tuple[str, bool]]:
+def _patterns(rules: Rule) -> list[tuple[str, bool]]:
     """Each pattern a step matches source names with: its text, and whether it matches anywhere in a name."""
     found: list[tuple[str, bool]] = []
     for step in rules.steps:
@@ -98,7 +98,7 @@ def _patterns(rules: Rules) -> list[tuple[str, bool]]:
     return found
 
 
-def reads_nothing(rules: Rules, names: Sequence[str]) -> bool:
+def reads_nothing(rules: Rule, names: Sequence[str]) -> bool:
     """True when no step of the rule can match any of the (sorted) names: then no step changes any name, and
     the plan would leave every tensor unconsumed. Planning is skipped for such a rule (most of the candidates
     for any one source), its verdict the same."""
@@ -114,12 +114,12 @@ def reads_nothing(rules: Rules, names: Sequence[str]) -> bool:
     return True
 
 
-def _unconsumed(rules: Rules, unconsumed: Sequence[str], refusal: str = "") -> Fit:
+def _unconsumed(rules: Rule, unconsumed: Sequence[str], refusal: str = "") -> Fit:
     reason = f"{len(unconsumed)} source tensor(s) no step consumes, first: {unconsumed[0]}"
     return Fit(rules, reason, refusal, reads=False, unconsumed=tuple(unconsumed))
 
 
-def _other_model(rules: Rules, refusal: str) -> bool:
+def _other_model(rules: Rule, refusal: str) -> bool:
     """A refusal that tests the source's ``model_type`` says the rule is for another model (llama-to-phi3 given
     a Gemma, whose tensors have Llama's names)."""
     return any(
@@ -128,7 +128,7 @@ def _other_model(rules: Rules, refusal: str) -> bool:
     )
 
 
-def _verdict(rules: Rules, plan: Plan) -> Fit:
+def _verdict(rules: Rule, plan: Plan) -> Fit:
     """Why a rule does not fit (its names first: a refusal of a rule for another layout says little), and the
     refusal that holds, if any, unless it says the source is another model type (then the rule is not its
     answer: it does not read the source)."""
@@ -192,7 +192,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> Dete
 
 
 def _lifted(
-    rules: Rules,
+    rules: Rule,
     plan: Plan,
     tensors: dict[str, TensorInfo],
     config: Mapping[str, Any] | None,
@@ -245,7 +245,7 @@ def nothing_reads(detection: Detection) -> str | None:
     return f"{detection.source}: {what} reads this source ({what_it_is(detection)}{tail}); {near}"
 
 
-def config_not_found(rules: Rules, resolved: ResolvedSource, problem: str) -> str:
+def config_not_found(rules: Rule, resolved: ResolvedSource, problem: str) -> str:
     """A rule that fails on a source without its config file: the file is the cause, in one line."""
     name = rules.source.config_file
     return (
@@ -323,7 +323,7 @@ def route(detection: Detection, to: str | None = None) -> list[Fit]:
     return [chosen(detection, to)]  # one rule writes it, the source is in that layout already, or the error
 
 
-def already_converted(source: object, rules: Rules) -> str:
+def already_converted(source: object, rules: Rule) -> str:
     return (
         f"{source}: already in transformers' {rules.target.architecture} layout: it needs no conversion; "
         "load it with from_pretrained"

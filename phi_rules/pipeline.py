@@ -24,7 +24,7 @@ from typing import Any
 
 from phi_rules.dtypes import FLOAT_DTYPES
 from phi_rules.errors import Diagnostic, PhiRulesError
-from phi_rules.language.rules import Rules
+from phi_rules.language.rules import Rule
 from phi_rules.options import Options, SourceOptions
 from phi_rules.planning import remembered
 from phi_rules.planning.planner import Accepted, Plan, make_plan
@@ -36,8 +36,9 @@ from phi_rules.write import destination, output
 from phi_rules.write.stream import Progress
 
 
-def checked(plan: Plan, dtype: str | None) -> Any:
-    """Run the target checks and raise every problem of the plan at once; returns the built config."""
+def target_config(plan: Plan, dtype: str | None) -> Any:
+    """The config the target class is built with, once the plan passes the target checks; raises every problem
+    of the plan at once."""
     from phi_rules.planning import target
 
     problems = list(plan.problems)
@@ -71,7 +72,7 @@ def _uniform_dtype(plan: Plan) -> str | None:
 
 
 def _planned(
-    rules: Rules, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options, made: Plan | None
+    rules: Rule, tensors: Mapping[str, TensorInfo], resolved: ResolvedSource, options: Options, made: Plan | None
 ) -> Plan:
     """plan → blame: the plan (``made`` by detection where nothing given since changes it: no --set, no
     --dtype), a problem that only ``--set`` causes said as such, a missing config file said as the cause, and
@@ -88,7 +89,7 @@ def _planned(
         from phi_rules.detect import config_not_found
 
         raise PhiRulesError(config_not_found(rules, resolved, result.problems[0].message))
-    checked(result, _uniform_dtype(result))  # raises: every problem at once, the target's included
+    target_config(result, _uniform_dtype(result))  # raises: every problem at once, the target's included
     return result
 
 
@@ -107,7 +108,7 @@ def _blame_overrides(
         raise PhiRulesError(f"--set {given}: the conversion does not fit with it: {result.problems[0]}")
 
 
-def plan(rules: Rules, options: Options | None = None, note: Callable[[str], None] = lambda _: None) -> Plan:
+def plan(rules: Rule, options: Options | None = None, note: Callable[[str], None] = lambda _: None) -> Plan:
     """Plan and check a conversion without writing anything; hub safetensors are read by header only."""
     options = options or Options()
     _refuse_converted(rules, options)
@@ -119,7 +120,7 @@ def plan(rules: Rules, options: Options | None = None, note: Callable[[str], Non
         note(n)
     dtype = _uniform_dtype(result)
     if remembered.recall(remembered.key(result, dtype)) is None:
-        checked(result, dtype)
+        target_config(result, dtype)
     return result
 
 
@@ -138,7 +139,7 @@ def _write_and_check(result: Plan, folder: Path, write: Callable[[], None]) -> N
         return
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phi-rules-check")
     try:
-        job = pool.submit(checked, result, dtype)
+        job = pool.submit(target_config, result, dtype)
         write()
         config = job.result()
     finally:  # on Ctrl-C or an error, no waiting for the import to finish: the CLI exits without joining it
@@ -159,7 +160,7 @@ def _say_accepted(result: Plan, options: Options, warn: Callable[[str], None]) -
 
 
 def check_function(
-    rules: Rules,
+    rules: Rule,
     resolved: ResolvedSource,
     folder: Path,
     tol: float,
@@ -187,7 +188,7 @@ def check_function(
     return report
 
 
-def _refuse_converted(rules: Rules, options: Options) -> None:
+def _refuse_converted(rules: Rule, options: Options) -> None:
     """A rule for today's layout exists to be detected, not applied."""
     if rules.converted:
         from phi_rules.detect import already_converted
@@ -240,7 +241,7 @@ def _check_device(device: str) -> None:
 
 
 def convert(
-    rules: Rules,
+    rules: Rule,
     out: Path | str,
     options: Options | None = None,
     *,
@@ -253,7 +254,7 @@ def convert(
 
 
 def convert_through(
-    chain: list[Rules],
+    chain: list[Rule],
     out: Path | str,
     options: Options | None = None,
     *,
@@ -300,7 +301,7 @@ def _beside(options: Options) -> list[str]:
     return [p.name for p in folder.iterdir()] if folder is not None and folder.is_dir() else []
 
 
-def _given_sources(rules: Rules, options: Options) -> list[Path]:
+def _given_sources(rules: Rule, options: Options) -> list[Path]:
     """The local paths a conversion reads, before any resolution: each named folder with what lies in it
     (the files of an HF cache snapshot are links into its blobs folder)."""
     src = options.source
@@ -312,7 +313,7 @@ def _given_sources(rules: Rules, options: Options) -> list[Path]:
 
 
 def _check_whole(
-    rules: Rules, resolved: ResolvedSource, tmp: Path, out: Path, options: Options, warn: Callable[[str], None]
+    rules: Rule, resolved: ResolvedSource, tmp: Path, out: Path, options: Options, warn: Callable[[str], None]
 ) -> None:
     """The whole-folder checks (:mod:`phi_rules.check`): what the conversion broke refuses the output, what the
     source itself has is a warning."""
@@ -332,7 +333,7 @@ def _check_whole(
 
 
 def _convert(
-    rules: Rules,
+    rules: Rule,
     out: Path,
     options: Options,
     note: Callable[[str], None],

@@ -304,7 +304,7 @@ def test_repeat_runs_backward_as_take_one_of_equal_copies(tmp_path: Path) -> Non
     save_file(state, tmp_path / "src" / "model.safetensors")
     (tmp_path / "src" / "config.json").write_text('{"hidden_size": 3}')
 
-    def convert(rules: phi_rules.Rules, src: Path, out: Path) -> None:
+    def convert(rules: phi_rules.Rule, src: Path, out: Path) -> None:
         phi_rules.convert(rules, out, phi_rules.Options(source=phi_rules.SourceOptions(source=src)))
 
     convert(phi_rules.load_rules(rule), tmp_path / "src", tmp_path / "out")

@@ -133,7 +133,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
 
 
 def test_planning_imports_no_torch(tmp_path: Path) -> None:
-    """Rules, sources and planning are torch-free: phi-2 is planned from its headers alone."""
+    """Rule, sources and planning are torch-free: phi-2 is planned from its headers alone."""
     src = write_checkpoint(tmp_path / "src", random_state(MsftConfig(n_layer=3)), MsftConfig(n_layer=3), shards=2)
     program = f"""
 import sys

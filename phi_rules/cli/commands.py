@@ -16,7 +16,7 @@ from phi_rules.cli import show
 from phi_rules.errors import Diagnostic, PhiRulesError
 
 if TYPE_CHECKING:
-    from phi_rules.language.rules import Rules
+    from phi_rules.language.rules import Rule
     from phi_rules.options import Options
 
 
@@ -237,7 +237,7 @@ def check_command(args: argparse.Namespace) -> int:
     return 1 if any(f.wrong for f in found) else 0
 
 
-def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
+def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rule]:
     """The named rule files, or the one that detection finds for --source."""
     from phi_rules.language.rules import load_ref
 
@@ -246,7 +246,7 @@ def _rules_for(args: argparse.Namespace, paths: list[str]) -> list[Rules]:
     return [f.rules for f in _route(args, one=True)]
 
 
-def _writing(rules: list[Rules], to: str | None) -> list[Rules]:
+def _writing(rules: list[Rule], to: str | None) -> list[Rule]:
     """Named rules beside ``--to``: each must write that target; a rule writes what it says, never another."""
     for r in rules:
         if to is not None and to not in r.target.names:

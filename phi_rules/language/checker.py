@@ -65,7 +65,7 @@ _ONE_OF_HINTS = {
 
 
 class Checker:
-    """Collects diagnostics for one file while building its :class:`Rules`."""
+    """Collects diagnostics for one file while building its :class:`Rule`."""
 
     def __init__(self, display: str, located: Located) -> None:
         self.display = display

@@ -1,4 +1,4 @@
-"""Load a rule file into a typed, fully checked :class:`Rules` value, or report every problem in it.
+"""Load a rule file into a typed, fully checked :class:`Rule` value, or report every problem in it.
 
 Checking happens in one pass: YAML syntax, the JSON Schema, then semantics (regexes compile,
 backreferences exist, expressions parse and name only declared things, ops agree with outputs,
@@ -99,7 +99,7 @@ class Refusal:
 
 
 @dataclass(frozen=True)
-class Rules:
+class Rule:
     """A validated rule file."""
 
     path: Path
@@ -308,7 +308,7 @@ def _build_refusals(c: Checker, data: dict[str, object], known: Mapping[str, str
 
 def _check(
     display: str, path: Path, text: str | None = None, backward: bool = False
-) -> tuple[list[Diagnostic], Rules | None]:
+) -> tuple[list[Diagnostic], Rule | None]:
     try:
         document = load_document(path, display, text)
     except LoadError as exc:
@@ -353,7 +353,7 @@ def _check(
             steps.append(build_step(c, i, raw, known))
     if c.diagnostics or source is None or target is None:
         return c.diagnostics, None
-    rules = Rules(
+    rules = Rule(
         path,
         display,
         hashlib.sha256("".join(document.texts).encode()).hexdigest(),
@@ -401,7 +401,7 @@ def check_file(path: Path | str) -> list[Diagnostic]:
     return _sorted(problems)
 
 
-def load_rules(path: Path | str, backward: bool = False) -> Rules:
+def load_rules(path: Path | str, backward: bool = False) -> Rule:
     """Load and check a rule file (or the backward rule it derives); raises :class:`PhiRulesError` listing
     every problem."""
     problems, rules = _check(str(path), Path(path), backward=backward)
@@ -423,7 +423,7 @@ def rule_files(paths: Iterable[Path | str]) -> list[Path]:
     return found
 
 
-def load_ref(ref: str, to: str | None = None) -> Rules:
+def load_ref(ref: str, to: str | None = None) -> Rule:
     """A rule argument: a file, a shipped rule's name, or the name of the backward rule a shipped one derives.
     With ``to`` (``--to``), the backward rule the named one derives where that, not the rule, writes ``to``:
     a user's own rule runs backward as the shipped ones do."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from phi_rules.errors import Diagnostic
 from phi_rules.language import expr
-from phi_rules.language.rules import Part, Rules
+from phi_rules.language.rules import Part, Rule
 
 if TYPE_CHECKING:  # the planner imports this module
     from phi_rules.planning.planner import PlannedTensor
@@ -71,7 +71,7 @@ def _lora_problems(shapes: Mapping[str, tuple[int, ...]], rank: object) -> list[
 
 
 def split(
-    rules: Rules, tensors: list[PlannedTensor], env: Mapping[str, expr.Value], problems: list[Diagnostic]
+    rules: Rule, tensors: list[PlannedTensor], env: Mapping[str, expr.Value], problems: list[Diagnostic]
 ) -> tuple[list[PlannedTensor], list[PartPlan], list[str]]:
     """The model's own tensors, the parts to write and a note for each part not written (a source without
     it); problems are appended to ``problems``."""

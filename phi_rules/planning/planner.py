@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from phi_rules.dtypes import FLOAT_DTYPES, itemsize
 from phi_rules.errors import Diagnostic, did_you_mean
 from phi_rules.language import expr, ops, regex, template
-from phi_rules.language.rules import Rules
+from phi_rules.language.rules import Rule
 from phi_rules.language.steps import Drop, Rename, Step, Transform
 from phi_rules.planning.parts import PartPlan, split
 from phi_rules.source.header import TensorInfo
@@ -120,7 +120,7 @@ class Accepted:
 class Plan:
     """The result of planning: outputs, the configs they were computed with, and every problem found."""
 
-    rules: Rules
+    rules: Rule
     source_config: dict[str, expr.Value]
     config: dict[str, expr.Value]
     tensors: list[PlannedTensor]
@@ -167,7 +167,7 @@ class Plan:
 
 
 def source_config(
-    rules: Rules,
+    rules: Rule,
     found: Mapping[str, object] | None,
     overrides: Mapping[str, expr.Value],
     base: Mapping[str, object] | None = None,
@@ -185,7 +185,7 @@ def source_config(
 
 
 def target_config(
-    rules: Rules,
+    rules: Rule,
     src: Mapping[str, expr.Value],
     found: Mapping[str, object] | None,
     overrides: Mapping[str, expr.Value],
@@ -209,7 +209,7 @@ def target_config(
 
 
 def let_values(
-    rules: Rules, env: Mapping[str, expr.Value], problems: list[Diagnostic], shapes: expr.Shapes | None = None
+    rules: Rule, env: Mapping[str, expr.Value], problems: list[Diagnostic], shapes: expr.Shapes | None = None
 ) -> dict[str, expr.Value]:
     """The ``let`` expressions evaluated in order, each seeing the ones before it."""
     values = dict(env)
@@ -222,7 +222,7 @@ def let_values(
 
 
 def refusals(
-    rules: Rules, env: Mapping[str, expr.Value], shapes: expr.Shapes | None = None, accept: tuple[str, ...] = ()
+    rules: Rule, env: Mapping[str, expr.Value], shapes: expr.Shapes | None = None, accept: tuple[str, ...] = ()
 ) -> tuple[list[Diagnostic], list[Accepted]]:
     """The rule's refusals whose condition holds for this source (the target would compute something else), and
     those of them that ``accept`` names, where the rule says up to what length the output is still exact."""
@@ -263,7 +263,7 @@ def refusals(
 
 
 class _Planner:
-    def __init__(self, rules: Rules, env: dict[str, expr.Value], problems: list[Diagnostic]) -> None:
+    def __init__(self, rules: Rule, env: dict[str, expr.Value], problems: list[Diagnostic]) -> None:
         self.rules, self.env, self.problems = rules, env, problems
 
     def problem(self, step: Step, message: str) -> None:
@@ -412,7 +412,7 @@ class _Planner:
 
 
 def make_plan(
-    rules: Rules,
+    rules: Rule,
     tensors: Mapping[str, TensorInfo],
     found_config: Mapping[str, object] | None,
     overrides: Mapping[str, expr.Value] | None = None,
@@ -486,7 +486,7 @@ def make_plan(
 
 
 def override_types(
-    rules: Rules, found: Mapping[str, object] | None, overrides: Mapping[str, expr.Value]
+    rules: Rule, found: Mapping[str, object] | None, overrides: Mapping[str, expr.Value]
 ) -> list[Diagnostic]:
     """A ``--set`` source field must be a number where the source's own value is one (``n_embd=abc``)."""
     wrong = []

@@ -17,7 +17,7 @@ from typing import Any
 
 from phi_rules.errors import PhiRulesError
 from phi_rules.language.expr import unfit
-from phi_rules.language.rules import FileSpec, Rules
+from phi_rules.language.rules import FileSpec, Rule
 from phi_rules.options import SourceOptions
 from phi_rules.source.checkpoint import Checkpoint
 from phi_rules.source.header import TensorInfo, parse_safetensors_header
@@ -116,7 +116,7 @@ def _index_files(index: Path) -> list[str]:
     return names
 
 
-def _weights_in_folder(folder: Path, rules: Rules) -> list[Path]:
+def _weights_in_folder(folder: Path, rules: Rule) -> list[Path]:
     for name in WEIGHT_NAMES:
         if (folder / name).is_file():
             return [folder / f for f in _index_files(folder / name)] if name.endswith(".json") else [folder / name]
@@ -129,7 +129,7 @@ def _weights_in_folder(folder: Path, rules: Rules) -> list[Path]:
     )
 
 
-def resolve_local(rules: Rules, path: Path) -> ResolvedSource:
+def resolve_local(rules: Rule, path: Path) -> ResolvedSource:
     """A folder (weights found as from_pretrained finds them) or a single weights file."""
     if not path.exists():
         raise PhiRulesError(f"{path}: source not found")
@@ -190,7 +190,7 @@ def _local_extras(folder: Path, names: Iterable[str]) -> tuple[list[Path], list[
 
 
 # --- the hub ---------------------------------------------------------------------------------------
-def _revision(rules: Rules, opts: SourceOptions) -> str:
+def _revision(rules: Rule, opts: SourceOptions) -> str:
     revision = opts.revision or rules.source.revision
     if revision is None:
         raise PhiRulesError(
@@ -358,7 +358,7 @@ class _Hub:
     files: tuple[FileSpec, ...] | None  # None: found like from_pretrained finds them
 
 
-def _hub(rules: Rules, opts: SourceOptions) -> _Hub:
+def _hub(rules: Rule, opts: SourceOptions) -> _Hub:
     if opts.hub is None and rules.source.repo is None:
         raise PhiRulesError(
             f"{rules.display}: this rule has no source of its own: give --source PATH or --source owner/name@revision"
@@ -403,7 +403,7 @@ def _weight_files(hub: _Hub, opts: SourceOptions) -> tuple[FileSpec, ...]:
     raise PhiRulesError(f"{hub.repo}@{hub.revision}: no weights found: looked for {', '.join(WEIGHT_NAMES)}")
 
 
-def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> ResolvedSource:
+def resolve_hub(rules: Rule, opts: SourceOptions, *, weights: bool = True) -> ResolvedSource:
     """Download (or find in the cache) the source's files at its revision; ``weights=False``: all but weights."""
     hub = _hub(rules, opts)
     files = _weight_files(hub, opts)
@@ -435,7 +435,7 @@ def resolve_hub(rules: Rules, opts: SourceOptions, *, weights: bool = True) -> R
     )
 
 
-def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
+def resolve(rules: Rule, opts: SourceOptions) -> ResolvedSource:
     """The one way in: ``--source`` beats the rule's ``path``, which beats its hub ``repo``."""
     if opts.source is not None:
         resolved = resolve_local(rules, opts.source)
@@ -451,7 +451,7 @@ def resolve(rules: Rules, opts: SourceOptions) -> ResolvedSource:
     return _noting_absent(_with_base(_with_parts(resolved, rules), opts), opts)
 
 
-def _with_parts(resolved: ResolvedSource, rules: Rules) -> ResolvedSource:
+def _with_parts(resolved: ResolvedSource, rules: Rule) -> ResolvedSource:
     """``source.parts``: the adapter folders beside a local model, read with it; a folder that is not there
     leaves its config field null, for the rule to refuse or accept."""
     if not rules.source.parts or resolved.revision is not None or not resolved.where:
@@ -508,7 +508,7 @@ def resolve_tokenizer(spec: str, opts: SourceOptions) -> tuple[tuple[Path, ...],
 
 
 def remote_tensors(
-    rules: Rules, opts: SourceOptions, note: Callable[[str], None]
+    rules: Rule, opts: SourceOptions, note: Callable[[str], None]
 ) -> tuple[dict[str, TensorInfo], ResolvedSource]:
     """Tensor metadata of hub safetensors files from their headers alone (HTTP range requests)."""
     from huggingface_hub import HfApi
@@ -542,13 +542,13 @@ def remote_tensors(
     return tensors, replace(resolved, weights=tuple(local))
 
 
-def headers_only(rules: Rules, src: SourceOptions) -> bool:
+def headers_only(rules: Rule, src: SourceOptions) -> bool:
     """Whether :func:`source_tensors` reads a hub source by its headers (and so resolves less than a conversion)."""
     return src.source is None and (src.hub is not None or rules.source.path is None)
 
 
 def source_tensors(
-    rules: Rules, src: SourceOptions, note: Callable[[str], None]
+    rules: Rule, src: SourceOptions, note: Callable[[str], None]
 ) -> tuple[dict[str, TensorInfo], ResolvedSource]:
     """The source's tensor metadata without reading tensor bytes: hub safetensors by header only."""
     if headers_only(rules, src):

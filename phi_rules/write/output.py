@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phi_rules.language.ops import Segment
-from phi_rules.language.rules import Rules
+from phi_rules.language.rules import Rule
 from phi_rules.options import Options
 from phi_rules.planning.planner import Plan, PlannedTensor
 from phi_rules.planning.segments import source_segments
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # torch is imported only when a tensor's bytes change: byte c
 
 
 def _metadata(
-    rules: Rules, resolved: ResolvedSource, hashes: Mapping[str, str], said: Mapping[str, str]
+    rules: Rule, resolved: ResolvedSource, hashes: Mapping[str, str], said: Mapping[str, str]
 ) -> dict[str, str]:
     return {
         "format": "pt",
@@ -56,7 +56,7 @@ def _said(result: Plan, options: Options) -> dict[str, str]:
     return said
 
 
-def weights_format(rules: Rules, options: Options) -> str:
+def weights_format(rules: Rule, options: Options) -> str:
     """``safetensors`` or ``bin``: the option wins over the rule."""
     return options.format or rules.target.format
 
