@@ -109,6 +109,10 @@ REFUSED = [  # the chain, the op refused and why
     ),
     ([{"view": [2, 3, 4]}, {"permute": [1, 2, 0]}], "view (ops/0)"),
     ([{"cast": "float16"}], "'cast'"),
+    (
+        [{"split": {"dim": 0, "sizes": [2]}}, {"view": [1, 2]}],
+        "view (ops/1) that cannot be undone: the shape before it ends in the dims after the first of a shape",
+    ),  # a 1-D part: its tail is not the tail of what the backward's view reads (Hypothesis found it)
 ]
 
 
