@@ -16,7 +16,7 @@ from shlex import quote
 from typing import Any
 
 from phi_rules.errors import Diagnostic, PhiRulesError, did_you_mean
-from phi_rules.language import expr
+from phi_rules.language import expr, regex
 from phi_rules.language.document import RULES_DIR, load_document
 from phi_rules.language.regex import literal_prefix
 from phi_rules.language.rules import Rule, load_rules, rule_files
@@ -98,20 +98,27 @@ def _patterns(rules: Rule) -> list[tuple[str, bool]]:
     return found
 
 
-def reads_nothing(rules: Rule, names: Sequence[str]) -> bool:
-    """True when no step of the rule can match any of the (sorted) names: then no step changes any name, and
-    the plan would leave every tensor unconsumed. Planning is skipped for such a rule (most of the candidates
-    for any one source), its verdict the same."""
+def may_read(rules: Rule, names: Sequence[str]) -> set[str] | None:
+    """The (sorted) names some step of the rule can match, by its patterns' literal prefixes, and those its
+    dim()/max_index() read; None when a pattern has no literal prefix (then any name). A name outside the set
+    is one no step consumes: the rule is planned on the set alone (none of it: not planned at all), and
+    its verdict is the one the whole plan gives."""
+    found: set[str] = set()
     for pattern, anywhere in _patterns(rules):
         prefix = literal_prefix(pattern)
         if not prefix:
-            return False
-        if anywhere and any(prefix in n for n in names):
-            return False
+            return None
+        if anywhere:
+            found.update(n for n in names if prefix in n)
+            continue
         at = bisect.bisect_left(names, prefix)
-        if not anywhere and at < len(names) and names[at].startswith(prefix):
-            return False
-    return True
+        while at < len(names) and names[at].startswith(prefix):
+            found.add(names[at])
+            at += 1
+    if found:  # the values a step reads are planned too
+        for query in map(regex.compile, rules.queries):
+            found.update(n for n in names if query.fullmatch(n))
+    return found
 
 
 def _unconsumed(rules: Rule, unconsumed: Sequence[str], refusal: str = "") -> Fit:
@@ -150,6 +157,7 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> Dete
     weights cannot be read, or whose config file cannot, is one error before any rule is tried."""
     read: dict[object, Read] = {}
     carried: dict[object, object] = {}
+    ordered: dict[object, list[str]] = {}  # the source's names, sorted (for the rule-out by prefix)
     fits = []
     rules_list = candidates(extra)
     shipped = len(rules_list) - len(extra)
@@ -164,24 +172,34 @@ def detect(source: object, options: Options, extra: Sequence[Path] = ()) -> Dete
                 continue
             read[key] = (tensors, resolved, resolved.config(), resolved.base())  # a bad config.json: raised here
             carried[key] = rules.source.extra_files  # the side files that ``resolved`` holds
+            ordered[key] = sorted(tensors)
         tensors, resolved, config, base = read[key]
         if rules.source.config_file == "config.json":
             model_config = config
+        readable = may_read(rules, ordered[key]) if tensors else None
+        if readable is not None and not readable:
+            fits.append(replace(_unconsumed(rules, list(tensors)), given=n >= shipped))
+            continue
+        part = tensors
+        if readable is not None and len(readable) < len(tensors):
+            part = {name: info for name, info in tensors.items() if name in readable}
+        plan = make_plan(rules, part, config, base=base)
+        try:
+            plan = _lifted(rules, plan, part, config, base, options)
+        except PhiRulesError as exc:  # what --set gives the source, refused by the rule
+            fits.append(Fit(rules, exc.diagnostics[0].message))
+            continue
+        if part is not tensors:  # planned on what it may read: the rest of the source no step consumes
+            left = set(plan.unconsumed)
+            unconsumed = [name for name in tensors if name not in part or name in left]
+            fits.append(replace(_verdict(rules, replace(plan, unconsumed=unconsumed)), given=n >= shipped))
+            continue
         if headers_only(rules, options.source):
             whole = None
         elif carried[key] == rules.source.extra_files:
             whole = resolved
         else:  # rules that read the same weights need not carry the same side files
             whole = resolve(rules, options.source)
-        if tensors and reads_nothing(rules, sorted(tensors)):
-            fits.append(replace(_unconsumed(rules, list(tensors)), given=n >= shipped))
-            continue
-        plan = make_plan(rules, tensors, config, base=base)
-        try:
-            plan = _lifted(rules, plan, tensors, config, base, options)
-        except PhiRulesError as exc:  # what --set gives the source, refused by the rule
-            fits.append(Fit(rules, exc.diagnostics[0].message))
-            continue
         verdict = _verdict(rules, plan) if plan.problems else Fit(rules, "")
         fits.append(replace(verdict, given=n >= shipped, plan=plan, source=whole))
     if not read:  # the source itself could not be read: that one line says why

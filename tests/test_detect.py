@@ -225,15 +225,17 @@ def test_literal_prefix(pattern: str, prefix: str) -> None:
 
 
 def test_ruling_out_changes_no_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rules detection rules out without planning them get the verdict their plan would give."""
+    """The rules detection rules out without planning them, or plans on the names they may read, get the
+    verdict their whole plan would give."""
     from phi_rules import detect as detection
     from phi_rules.options import Options, SourceOptions
 
     sources = [save(phi3_model(FAMILY["phi-4"]), tmp_path / "phi-4"), tiny("qwen2", tmp_path / "qwen2")]
+    sources.append(tiny("gpt2", tmp_path / "gpt2"))  # transformer.h.N: phi-msft's prefixes, planned in part
     for src in sources:
         options = Options(source=SourceOptions(src))
         quick = detection.detect(src, options).fits
-        monkeypatch.setattr(detection, "reads_nothing", lambda rules, names: False)
+        monkeypatch.setattr(detection, "may_read", lambda rules, names: None)  # every rule planned on every name
         planned = detection.detect(src, options).fits
         monkeypatch.undo()
         assert any(f.plan is None for f in quick)  # some were ruled out, and not those that read the source
@@ -243,6 +245,19 @@ def test_ruling_out_changes_no_verdict(tmp_path: Path, monkeypatch: pytest.Monke
         assert [(f.rules.name, f.reason, f.reads, f.unconsumed) for f in quick] == [
             (f.rules.name, f.reason, f.reads, f.unconsumed) for f in planned
         ]
+
+
+def test_a_rule_is_planned_on_the_names_its_steps_and_values_read() -> None:
+    """The names a rule may read are those its steps' patterns can match and those its dim()/max_index()
+    read (a value planned without them would differ); a name neither reaches is left out of its plan."""
+    from phi_rules.detect import may_read
+    from phi_rules.language.rules import load_ref
+
+    rule = load_ref("phi-msft-adapter")
+    step = "base_model.model.transformer.h.0.mixer.Wqkv.lora_A.weight"
+    value = "elsewhere.fc1.lora_B.weight"  # read by intermediate_size's dim(), by no step
+    assert may_read(rule, sorted([step, value, "unrelated.weight"])) == {step, value}
+    assert may_read(rule, ["unrelated.weight", value]) == set()  # no step reads any: ruled out
 
 
 def test_apply_reads_and_plans_the_source_once(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

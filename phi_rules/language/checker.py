@@ -76,6 +76,7 @@ class Checker:
         declared = data.get("placeholders")
         # Placeholder types the rule declares (``{i: int}``): short-form names read them.
         self.placeholders: dict[str, str] = dict(declared) if isinstance(declared, dict) else {}
+        self.queries: list[str] = []  # the regexes of every dim()/max_index(): the source names values read
 
     def where(self, path: YPath, *, key: bool = False) -> Where:
         file, line, col = self.located.position(path, key=key)
@@ -176,6 +177,8 @@ class Checker:
                 self.error(path, f"{call.func}() needs a quoted regular expression first, e.g. '\\.fc1\\.weight'")
             elif self.compile(path, first.value) is None:
                 continue
+            else:
+                self.queries.append(first.value)
             if call.func == "dim" and not isinstance(call.args[1], expr.Const):
                 self.error(path, "dim() needs a number as its axis")
 

@@ -119,6 +119,7 @@ class Rule:
     refusals: tuple[Refusal, ...] = ()
     backward: bool = False  # derived from a rule's ``reverse`` section
     backward_name: str = ""  # the name of the backward rule this one derives, if any
+    queries: tuple[str, ...] = ()  # the regexes of its dim()/max_index() calls: source names its values read
 
     @property
     def config_only(self) -> bool:
@@ -371,6 +372,7 @@ def _check(
         refusals,
         backward,
         str(forward["reverse"]["name"]) if isinstance(forward.get("reverse"), dict) and not backward else "",
+        tuple(dict.fromkeys(c.queries)),
     )
     return [], rules
 
