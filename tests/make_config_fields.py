@@ -15,6 +15,7 @@ import importlib.util
 import json
 import sys
 import warnings
+from importlib import metadata
 from pathlib import Path
 
 from transformers.models.auto import configuration_auto, modeling_auto
@@ -47,8 +48,11 @@ def table() -> str:
             found[architecture] = (str(name), fields)
     common = set.intersection(*(f for _, f in found.values()))
     lines = [f"    {json.dumps(a)}: {json.dumps([name, sorted(f - common)])}" for a, (name, f) in sorted(found.items())]
+    version = json.dumps(metadata.version("transformers"))
     return (
-        "{\n" + f'  "common": {json.dumps(sorted(common))},\n  "architectures": {{\n' + ",\n".join(lines) + "\n  }\n}\n"
+        f'{{\n  "transformers": {version},\n  "common": {json.dumps(sorted(common))},\n  "architectures": {{\n'
+        + ",\n".join(lines)
+        + "\n  }\n}\n"
     )
 
 
