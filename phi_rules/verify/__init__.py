@@ -20,8 +20,6 @@ from phi_rules.verify.own_class import verify_own_class
 from phi_rules.verify.shapes import verify_shapes
 
 OWN_CLASS_LAYOUTS = ("phi3", "llama", "mistral", "transformers")
-# Remote-code layouts no transformers class runs, whose text decoder is one: run by that class on text input.
-DECODERS = {"phi4mm": "Phi3ForCausalLM"}
 
 __all__ = ["Report", "accepted_up_to", "failure", "layer_rows", "verify"]
 
@@ -60,9 +58,6 @@ def verify(
             raise PhiRulesError(f"verify of the {layout_name} layout probes a fixed length: no limit can be kept")
         return verify_legacy(source, layout_name, config, out, tol, adapters, progress)
     folder = source[0].parent
-    if layout_name in DECODERS:
-        decoder = DECODERS[layout_name]
-        return verify_own_class(folder, out, tol, adapters, progress, max_length, decoder)
     if layout_name in OWN_CLASS_LAYOUTS or _has_class(folder):
         return verify_own_class(folder, out, tol, adapters, progress, max_length)
     return verify_shapes(folder, layout_name, out)

@@ -162,25 +162,17 @@ class Converted:
     """A folder (the output, or a source of today's architectures) through transformers' own modules, one
     block materialised at a time."""
 
-    def __init__(self, folder: Path, stack: ExitStack, adapter: Adapter | None = None, decoder: str = "") -> None:
-        """``decoder``: the folder is a remote-code layout that no transformers class runs, whose text decoder is
-        that class's (Phi-4-multimodal's is Phi3ForCausalLM): the class is built from the config.json's values,
-        and a PEFT-wrapped linear (``X.base_layer.weight``) gives its base weight for ``X.weight``."""
+    def __init__(self, folder: Path, stack: ExitStack, adapter: Adapter | None = None) -> None:
         import torch
 
         from phi_rules.planning.target import model_class
 
         self.adapter = adapter
-        self.wrapped = bool(decoder)
 
         try:
             raw = json.loads((folder / "config.json").read_text())
-            cls = model_class(decoder or raw["architectures"][0])
-            if decoder:
-                kept = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "model_type")}
-                config = cls.config_class(**kept)
-            else:
-                config = cls.config_class.from_pretrained(folder)
+            cls = model_class(raw["architectures"][0])
+            config = cls.config_class.from_pretrained(folder)
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise PhiRulesError(f"{folder}: cannot read its config.json: {exc}") from None
         config._attn_implementation = "eager"
@@ -196,9 +188,6 @@ class Converted:
 
     def get(self, name: str) -> torch.Tensor:
         missing = f"{self.folder}: no tensor {name!r}, which {type(self.model).__name__} needs"
-        wrapped = name.removesuffix("weight") + "base_layer.weight"
-        if self.wrapped and name not in self.files.tensors and wrapped in self.files.tensors:
-            name = wrapped  # the base weight of a PEFT-wrapped linear
         return weight_of(self.files, name, self.adapter, missing)
 
     @contextmanager

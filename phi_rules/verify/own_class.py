@@ -129,7 +129,6 @@ def verify_own_class(
     adapters: tuple[Path, Path] | None = None,
     progress: Callable[[int], Callable[[int], None]] | None = None,
     max_length: int | None = None,
-    decoder: str = "",
 ) -> Report:
     """Compare the source folder, run by transformers' class for its own architecture, with the output;
     ``adapters``: the original adapter folder and its conversion, merged into each side's weights by its names.
@@ -143,14 +142,13 @@ def verify_own_class(
 
     with torch.no_grad(), ExitStack() as stack:
         original, converted = (Adapter(a, stack) for a in adapters) if adapters else (None, None)
-        src, conv = Converted(source, stack, original, decoder), Converted(out, stack, converted)
+        src, conv = Converted(source, stack, original), Converted(out, stack, converted)
         bounds = Bounds.of(tol, src.files, conv.files)
 
         def add(part: str, ref: torch.Tensor, got: torch.Tensor, hint: str, bound: float) -> None:
             rows.append(Row(part, delta(ref, got), bound, hint))
 
         arch = json.loads((source / "config.json").read_text()).get("architectures", ["?"])[0]
-        arch = f"{decoder}, {arch}'s text decoder" if decoder else arch
         a, b = src.model.model, conv.model.model
         layers = min(len(a.layers), len(b.layers))
         vocab = min(a.embed_tokens.num_embeddings, b.embed_tokens.num_embeddings)
