@@ -194,6 +194,8 @@ def verify_command(args: argparse.Namespace) -> int:
             print(f"{part:<{width}}{delta:>12.2e}{tol:>12.2e}  {'ok' if delta <= tol else 'DIVERGES'}")
         for probe in report.probes:
             print(f"probed {probe.tokens} tokens: {probe.why}")
+        for note in report.notes:
+            print(note)
         if report.bounds is not None:
             print(f"dtypes: {report.bounds.describe()}")
     if report.checked:

@@ -238,8 +238,9 @@ def _verify(sub: _Commands) -> None:
         "verify",
         help="prove a conversion by its function: the original architecture vs the converted folder",
         description="Run the original model (the Phi-1/1.5/2 architecture written from its description, or the "
-        "transformers class the source's config.json names; sizes from the source's own config.json, never from "
-        "the rule) and the converted folder through transformers, on the same token ids, layer by layer in "
+        "transformers class the source's config.json names, or for Phi-4-multimodal's remote code transformers' "
+        "native class on its text decoder; sizes from the source's own config.json, never from the rule) and the "
+        "converted folder through transformers, on the same token ids, layer by layer in "
         "float32, and compare each layer's contribution and the logits end to end, at 16 tokens and past every "
         "length where either config changes the function (sliding_window, attention_chunk_size, longrope). "
         "Tolerances follow each part's scale and both sides' dtypes. Exit 0 when every part is within "

@@ -1,9 +1,10 @@
 """``phi-rules verify``: prove a conversion by its function, layer by layer, in bounded memory.
 
-Two references, neither of which reads the rule being verified: the original Phi-1/1.5/2 architecture
-written from its description for the legacy layouts (:mod:`.legacy`), and transformers' own class for
+Three references, none of which reads the rule being verified: the original Phi-1/1.5/2 architecture
+written from its description for the legacy layouts (:mod:`.legacy`), transformers' own class for
 sources that are today's architectures, or whose config.json names a class transformers has
-(:mod:`.own_class`). A source with neither cannot be run: :mod:`.shapes` says so and checks what it can.
+(:mod:`.own_class`), and Phi-4-multimodal's remote code, run by transformers' native class for it on text
+(:mod:`.multimodal`). A source with neither cannot be run: :mod:`.shapes` says so and checks what it can.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from phi_rules.errors import PhiRulesError
 from phi_rules.verify.common import Report, failure, layer_rows
 from phi_rules.verify.legacy import LAYOUTS, verify_legacy
+from phi_rules.verify.multimodal import REMOTE, architecture, verify_multimodal
 from phi_rules.verify.own_class import verify_own_class
 from phi_rules.verify.shapes import verify_shapes
 
@@ -58,6 +60,8 @@ def verify(
             raise PhiRulesError(f"verify of the {layout_name} layout probes a fixed length: no limit can be kept")
         return verify_legacy(source, layout_name, config, out, tol, adapters, progress)
     folder = source[0].parent
+    if REMOTE in (architecture(folder), architecture(out)):  # Phi-4-multimodal's remote code, on either side
+        return verify_multimodal(folder, out, tol, adapters, progress, max_length)
     if layout_name in OWN_CLASS_LAYOUTS or _has_class(folder):
         return verify_own_class(folder, out, tol, adapters, progress, max_length)
     return verify_shapes(folder, layout_name, out)
@@ -67,9 +71,11 @@ def _has_class(folder: Path) -> bool:
     """Whether the source's config.json names an architecture transformers has a class for."""
     from phi_rules.planning.target import model_class
 
+    name = architecture(folder)
+    if name is None:
+        return False
     try:
-        architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-        model_class(str(architectures[0]))
-    except (OSError, ValueError, AttributeError, IndexError, PhiRulesError):
+        model_class(name)
+    except PhiRulesError:
         return False
     return True

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,19 +160,29 @@ NORMS = ("norm", "final_layernorm")  # the final norm's name in each family
 
 class Converted:
     """A folder (the output, or a source of today's architectures) through transformers' own modules, one
-    block materialised at a time."""
+    block materialised at a time. ``config``: the config to build instead of the folder's own (a source
+    whose config.json names a class transformers lacks, run by the class of the architecture it names), and
+    ``stored``: where the folder holds each of that class's tensors."""
 
-    def __init__(self, folder: Path, stack: ExitStack, adapter: Adapter | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        stack: ExitStack,
+        adapter: Adapter | None = None,
+        config: Any = None,
+        stored: Callable[[str], str] = str,
+    ) -> None:
         import torch
 
         from phi_rules.planning.target import model_class
 
-        self.adapter = adapter
+        self.adapter, self.stored = adapter, stored
 
         try:
-            raw = json.loads((folder / "config.json").read_text())
-            cls = model_class(raw["architectures"][0])
-            config = cls.config_class.from_pretrained(folder)
+            if config is None:
+                raw = json.loads((folder / "config.json").read_text())
+                config = model_class(raw["architectures"][0]).config_class.from_pretrained(folder)
+            cls = model_class(config.architectures[0])
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise PhiRulesError(f"{folder}: cannot read its config.json: {exc}") from None
         config._attn_implementation = "eager"
@@ -187,8 +197,9 @@ class Converted:
         self.folder = folder
 
     def get(self, name: str) -> torch.Tensor:
-        missing = f"{self.folder}: no tensor {name!r}, which {type(self.model).__name__} needs"
-        return weight_of(self.files, name, self.adapter, missing)
+        missing = f"{self.folder}: no tensor {self.stored(name)!r}, which {type(self.model).__name__} needs"
+        tensor = weight_of(self.files, self.stored(name), None, missing)
+        return self.adapter.apply(name, tensor) if self.adapter else tensor
 
     @contextmanager
     def loaded(self, module: Any, prefix: str) -> Iterator[Any]:
@@ -253,6 +264,7 @@ class Report:
     bounds: Bounds | None  # None: no function check was possible (see ``checked``)
     checked: str = ""  # what was checked instead of the function, where nothing could run it
     reference: str = ""  # what ran the source: a legacy layout's name or transformers' class
+    notes: list[str] = field(default_factory=list)  # what was not there to check, one line each
 
     @property
     def first_bad(self) -> Row | None:
@@ -265,6 +277,7 @@ class Report:
             "first_divergence": None if bad is None else f"{bad.part}: {bad.hint}",
             "function_checked": self.bounds is not None,
             "checked_instead": self.checked or None,
+            "notes": self.notes,
             "lengths": [p.tokens for p in self.probes],
             "probes": [{"tokens": p.tokens, "why": p.why} for p in self.probes],
             "dtypes": None if self.bounds is None else self.bounds.to_json(),

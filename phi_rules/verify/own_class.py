@@ -138,17 +138,31 @@ def verify_own_class(
 
     if not (source / "config.json").is_file():
         raise PhiRulesError(f"{source}: no config.json: verify runs the source through its own transformers class")
-    rows: list[Row] = []
-
+    arch = json.loads((source / "config.json").read_text()).get("architectures", ["?"])[0]
     with torch.no_grad(), ExitStack() as stack:
         original, converted = (Adapter(a, stack) for a in adapters) if adapters else (None, None)
         src, conv = Converted(source, stack, original), Converted(out, stack, converted)
-        bounds = Bounds.of(tol, src.files, conv.files)
+        return compare(src, conv, arch, Bounds.of(tol, src.files, conv.files), progress, max_length)
+
+
+def compare(
+    src: Converted,
+    conv: Converted,
+    arch: str,
+    bounds: Bounds,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
+    max_length: int | None = None,
+) -> Report:
+    """The source's model (run by ``arch``, as the report names it) against the output's, layer by layer at the
+    everyday length and on the first layer of each kind past every switch point, then end to end."""
+    import torch
+
+    rows: list[Row] = []
+    with torch.no_grad():
 
         def add(part: str, ref: torch.Tensor, got: torch.Tensor, hint: str, bound: float) -> None:
             rows.append(Row(part, delta(ref, got), bound, hint))
 
-        arch = json.loads((source / "config.json").read_text()).get("architectures", ["?"])[0]
         a, b = src.model.model, conv.model.model
         layers = min(len(a.layers), len(b.layers))
         vocab = min(a.embed_tokens.num_embeddings, b.embed_tokens.num_embeddings)
